@@ -1,0 +1,25 @@
+# Two commands: `make test` and `make demo`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat setup.py | sha1sum | cut -c1-12)
+
+.PHONY: test demo venv clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q tests
+
+demo: venv
+	$(PY) -m levi_jax.demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info

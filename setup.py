@@ -1,0 +1,47 @@
+"""levi_jax: LEVI (layer-wise ensemble of different views) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="levi_jax",
+    version="0.1.0",
+    description=(
+        "LEVI: generalizable fine-tuning by a layer-wise ensemble of a frozen "
+        "T5X encoder and a small task model, in JAX/Flax."
+    ),
+    packages=find_packages(include=["levi_jax", "levi_jax.*"]),
+    package_data={"levi_jax": ["py.typed"]},
+    python_requires=">=3.11",
+    # Lower bounds are the versions the test suite has run against.
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "numpy>=2.0",
+        "gin-config>=0.5.0",
+        "absl-py>=2.1",
+    ],
+    extras_require={
+        # Data pipeline and the trainer's metric writers (TensorFlow based).
+        "data": [
+            "seqio>=0.0.20",
+            "tensorflow>=2.21",
+            "tensorflow-text>=2.21",
+            "tensorflow-datasets>=4.9.10",
+            "sentencepiece>=0.2.0",
+            "clu>=0.0.12",
+            "matplotlib>=3.9",
+        ],
+        "test": [
+            "pytest>=8.0",
+            "seqio>=0.0.20",
+            "tensorflow>=2.21",
+            "tensorflow-text>=2.21",
+            "tensorflow-datasets>=4.9.10",
+            "sentencepiece>=0.2.0",
+            "clu>=0.0.12",
+            "matplotlib>=3.9",
+        ],
+    },
+)
