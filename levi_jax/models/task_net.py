@@ -143,6 +143,7 @@ class TokenTower(nn.Module):
     num_heads: heads of the tiny transformer.
     out_dim: representation width.
     max_length: maximum sequence length (learned positions, transformer only).
+    tokens_key: the batch key holding `[batch, length]` token ids.
   """
 
   vocab_size: int
@@ -151,10 +152,12 @@ class TokenTower(nn.Module):
   num_heads: int = 4
   out_dim: int = 64
   max_length: int = 512
+  tokens_key: str = "inputs"
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens: Array, deterministic: bool = True) -> Array:
+  def __call__(self, batch: Mapping[str, Array]) -> Array:
+    tokens = jnp.asarray(batch[self.tokens_key], jnp.int32)
     mask = tokens > 0
     table = self.param("token_embed", nn.with_logical_partitioning(
         nn.initializers.normal(0.1), ("vocab", "feature_embed")),

@@ -1,0 +1,160 @@
+"""LEVI: a layer-wise ensemble of a frozen backbone and a small task model.
+
+What the paper states [paper] and what we chose [ours] (see shared PAPER.md):
+
+* [paper] A large pre-trained model is adaptively ensembled, layer-wise, with
+  a small task-specific model trained from scratch; the backbone is frozen by
+  default; one loss is optimised over the combined output.
+* [ours] Taps: a configurable set of backbone layers, default the middle layer
+  and the last one (`("middle", -1)`). A tap is an encoder layer index
+  (negative counts from the end), `"middle"` (layer `(L - 1) // 2`) or
+  `"final"` (the output after `encoder_norm`).
+* [ours] Each tap is pooled per example over non-padding tokens (mean, or the
+  first token) and goes through its own adapting layer: LayerNorm, Dense to a
+  common width, GELU. The LayerNorm is ours: raw T5 residual streams grow
+  large with depth, and normalising lets one width/learning rate fit all taps.
+* [ours] The adapted taps are concatenated with the small model's
+  representation and a fusion MLP produces the prediction (a scalar for rating
+  regression, logits for classification).
+* [ours] Loss: the task loss on the fused output; optional auxiliary heads
+  (one linear head per view) add `aux_weight` x their task losses. Default
+  off, because the paper describes one shared loss.
+* [ours] Freezing: `jax.lax.stop_gradient` on the backbone outputs, and the
+  train step differentiates only the trainable subtree, so no gradient is
+  computed for (nor optimizer state kept for) the backbone.
+
+The same module, with other settings, is every baseline (see
+`levi_jax.methods`): FT/LP are `taps=("final",)`, no adapter, no task net, a
+linear head; Scratch is the task net alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from levi_jax.models.task_net import MLP
+
+Array = jax.Array
+Tap = int | str
+
+
+def resolve_taps(taps: Sequence[Tap], num_layers: int) -> tuple[int | str, ...]:
+  """Maps tap specs to layer indices in [0, num_layers) or "final"; dedupes.
+
+  Raises:
+    ValueError: a tap index outside [-num_layers, num_layers) or an unknown name.
+  """
+  out: list[int | str] = []
+  for t in taps:
+    if t == "final":
+      r: int | str = "final"
+    elif t == "middle":
+      r = (num_layers - 1) // 2
+    elif isinstance(t, int) and not isinstance(t, bool):
+      if not -num_layers <= t < num_layers:
+        raise ValueError(
+            f"tap layer index {t} is out of range for a backbone with {num_layers} "
+            f"layers; expected an integer in [{-num_layers}, {num_layers - 1}], "
+            "'middle' or 'final'")
+      r = t % num_layers
+    else:
+      raise ValueError(f"unknown tap {t!r}; expected a layer index, 'middle' or 'final'")
+    if r not in out:
+      out.append(r)
+  return tuple(out)
+
+
+def pool(x: Array, mask: Array, pooling: str) -> Array:
+  """Pools `[batch, length, d]` over the non-padding tokens to `[batch, d]`."""
+  if pooling == "mean":
+    keep = mask[..., None].astype(x.dtype)
+    return (x * keep).sum(1) / jnp.maximum(keep.sum(1), 1.0).astype(x.dtype)
+  if pooling == "first":
+    return x[:, 0]
+  raise ValueError(f"unknown pooling {pooling!r}; expected 'mean' or 'first'")
+
+
+class LeviModel(nn.Module):
+  """Backbone taps + small task model, fused by adapting layers and an MLP.
+
+  Attributes:
+    backbone: an encoder returning `EncoderOutput` (e.g. `T5Encoder`), or None.
+    task_net: the small model (`FeatureTower`/`TokenTower`), or None.
+    taps: backbone taps (see module docstring).
+    pooling: "mean" over non-padding tokens, or "first".
+    adapter_dim: width of each adapting layer; None feeds the pooled tap as is.
+    fusion_hidden: hidden widths of the fusion MLP; () is a linear head.
+    num_outputs: 1 for regression, the class count for classification.
+    aux_heads: add a linear head per view (returned under "aux").
+    freeze_backbone: stop gradients at the backbone outputs.
+    dtype: activation dtype of the adapters and head.
+  """
+
+  backbone: nn.Module | None = None
+  task_net: nn.Module | None = None
+  taps: tuple[Tap, ...] = ("middle", -1)
+  pooling: str = "mean"
+  adapter_dim: int | None = 64
+  fusion_hidden: tuple[int, ...] = (64,)
+  num_outputs: int = 1
+  aux_heads: bool = False
+  freeze_backbone: bool = True
+  dtype: Any = jnp.float32
+
+  def _views(self, batch: Mapping[str, Array], deterministic: bool) -> list[Array]:
+    views = []
+    if self.backbone is not None and self.taps:
+      taps = resolve_taps(self.taps, self.backbone.config.num_layers)
+      enc = self.backbone(batch["inputs"], deterministic=deterministic)
+      for t in taps:
+        h = enc.final if t == "final" else enc.layers[t]
+        if self.freeze_backbone:
+          h = jax.lax.stop_gradient(h)
+        v = pool(h, enc.mask, self.pooling).astype(self.dtype)
+        if self.adapter_dim is not None:
+          name = f"adapter_{t}"
+          v = nn.LayerNorm(dtype=self.dtype, name=f"{name}_norm")(v)
+          v = MLP((self.adapter_dim,), final_activation=True, dtype=self.dtype,
+                  name=name)(v)
+        views.append(v)
+    if self.task_net is not None:
+      views.append(self.task_net(batch).astype(self.dtype))
+    if not views:
+      raise ValueError("LeviModel needs a backbone with taps, a task_net, or both")
+    return views
+
+  @nn.compact
+  def __call__(self, batch: Mapping[str, Array], deterministic: bool = True
+               ) -> dict[str, Any]:
+    """Returns {"prediction": [batch, num_outputs], "aux": tuple of the same}."""
+    views = self._views(batch, deterministic)
+    x = jnp.concatenate(views, axis=-1)
+    pred = MLP(self.fusion_hidden + (self.num_outputs,), dtype=self.dtype,
+               name="head")(x)
+    aux = ()
+    if self.aux_heads:
+      aux = tuple(MLP((self.num_outputs,), dtype=self.dtype, name=f"aux_head_{i}")(v)
+                  for i, v in enumerate(views))
+    return {"prediction": pred.astype(jnp.float32),
+            "aux": tuple(a.astype(jnp.float32) for a in aux)}
+
+
+class EnsembleModel(nn.Module):
+  """Vanilla output ensemble: the average of independently trained members.
+
+  Each member is trained on its own task loss (the loss sums the members'
+  losses and no parameter is shared, so no gradient crosses members); the
+  prediction is the mean of the members' predictions.
+  """
+
+  members: tuple[nn.Module, ...]
+
+  @nn.compact
+  def __call__(self, batch: Mapping[str, Array], deterministic: bool = True
+               ) -> dict[str, Any]:
+    preds = tuple(m(batch, deterministic)["prediction"] for m in self.members)
+    return {"prediction": sum(preds) / len(preds), "aux": (), "members": preds}

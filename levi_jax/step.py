@@ -1,0 +1,146 @@
+"""The train and eval steps: pure functions to be `jax.jit`-ed with shardings.
+
+The train state holds the trainable parameters (with their optimizer state)
+apart from the frozen ones, and the loss is differentiated with respect to
+the trainable tree only: a frozen backbone gets no gradient computation, no
+update and no optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from levi_jax.methods import Method, combine
+
+Batch = Mapping[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Step counter, trainable params + their optimizer state, frozen params."""
+
+  step: jax.Array
+  params: Any
+  frozen: Any
+  opt_state: Any
+
+  @classmethod
+  def create(cls, trainable: Any, frozen: Any, optimizer: optax.GradientTransformation
+             ) -> "TrainState":
+    return cls(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
+               opt_state=optimizer.init(trainable))
+
+  def all_params(self) -> dict:
+    return combine(self.params, self.frozen)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Task loss.
+
+  Attributes:
+    task: "regression" (squared error on output 0) or "classification"
+      (softmax cross-entropy on integer targets).
+    aux_weight: weight of the auxiliary per-view heads' losses.
+  """
+
+  task: str = "regression"
+  aux_weight: float = 0.0
+
+  def __post_init__(self):
+    if self.task not in ("regression", "classification"):
+      raise ValueError(f"LossConfig.task must be 'regression' or 'classification', "
+                       f"got {self.task!r}")
+    if self.aux_weight < 0:
+      raise ValueError(f"LossConfig.aux_weight must be >= 0, got {self.aux_weight}")
+
+
+def _per_example(pred: jax.Array, targets: jax.Array, task: str) -> jax.Array:
+  if task == "regression":
+    return jnp.square(pred[:, 0] - targets.astype(jnp.float32))
+  labels = targets.astype(jnp.int32)
+  return optax.softmax_cross_entropy_with_integer_labels(pred, labels)
+
+
+def example_weights(batch: Batch) -> jax.Array:
+  """Per-example weights: `batch["weights"]` (0 marks padding) or all ones."""
+  if "weights" in batch:
+    return batch["weights"].astype(jnp.float32)
+  return jnp.ones(batch["targets"].shape[:1], jnp.float32)
+
+
+def compute_loss(outputs: Mapping[str, Any], batch: Batch, cfg: LossConfig
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Weighted mean task loss (+ auxiliary / ensemble-member losses)."""
+  w = example_weights(batch)
+  denom = jnp.maximum(w.sum(), 1.0)
+  mean = lambda pred: (_per_example(pred, batch["targets"], cfg.task) * w).sum() / denom
+  if "members" in outputs:
+    # Ensemble: each member trains on its own loss.
+    loss = sum(mean(p) for p in outputs["members"])
+  else:
+    loss = mean(outputs["prediction"])
+  if cfg.aux_weight and outputs.get("aux"):
+    loss = loss + cfg.aux_weight * sum(mean(a) for a in outputs["aux"])
+  return loss, {"loss": loss, "task_loss": mean(outputs["prediction"])}
+
+
+def make_train_step(method: Method, optimizer: optax.GradientTransformation,
+                    loss_cfg: LossConfig) -> Callable:
+  """Returns `train_step(state, batch, rng) -> (state, metrics)`.
+
+  The dropout key is `fold_in(rng, step)`, so a resumed run replays the same
+  randomness.
+  """
+
+  def loss_fn(trainable, frozen, batch, rng):
+    outputs = method.apply(combine(trainable, frozen), batch, train=True, rng=rng)
+    return compute_loss(outputs, batch, loss_cfg)
+
+  def train_step(state: TrainState, batch: Batch, rng: jax.Array):
+    step_rng = jax.random.fold_in(rng, state.step)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.frozen, batch, step_rng)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                   param_norm=optax.global_norm(params))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(method: Method, loss_cfg: LossConfig) -> Callable:
+  """Returns `eval_step(params, batch) -> sums` for streaming metrics.
+
+  Sums (not means) so batches, hosts and padded examples combine exactly:
+  regression gives weight, squared-error and absolute-error sums;
+  classification gives weight and correct-count sums.
+  """
+
+  def eval_step(params, batch: Batch):
+    pred = method.apply(params, batch, train=False)["prediction"]
+    w = example_weights(batch)
+    if loss_cfg.task == "regression":
+      err = pred[:, 0] - batch["targets"].astype(jnp.float32)
+      return {"weight": w.sum(), "sq_err": (w * err**2).sum(),
+              "abs_err": (w * jnp.abs(err)).sum()}
+    correct = (jnp.argmax(pred, -1) == batch["targets"].astype(jnp.int32))
+    return {"weight": w.sum(), "correct": (w * correct).sum()}
+
+  return eval_step
+
+
+def finalize_metrics(sums: Mapping[str, float], task: str) -> dict[str, float]:
+  """RMSE/MAE (regression) or accuracy (classification) from summed metrics."""
+  n = max(float(sums["weight"]), 1e-12)
+  if task == "regression":
+    return {"rmse": (float(sums["sq_err"]) / n) ** 0.5, "mae": float(sums["abs_err"]) / n,
+            "count": float(sums["weight"])}
+  return {"accuracy": float(sums["correct"]) / n, "count": float(sums["weight"])}

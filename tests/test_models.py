@@ -1,0 +1,325 @@
+"""Core model tests: encoder taps and masks, presets, LEVI, baselines, freezing."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from levi_jax import methods, step
+from levi_jax.models import lora as lora_lib
+from levi_jax.models import t5_encoder as t5
+from levi_jax.models.levi import LeviModel, pool, resolve_taps
+from levi_jax.models.task_net import (CategoricalFeature, FeatureTower, TokenTower,
+                                      validate_features)
+from levi_jax.optim import OptimizerConfig, make_optimizer
+
+VOCAB = 64
+FEATS = (CategoricalFeature("user_id", 10), CategoricalFeature("genres", 6, bag_size=3))
+
+
+def tiny_cfg(**kw):
+  return t5.preset("t5_1_1_tiny", vocab_size=VOCAB, **kw)
+
+
+def make_batch(b=8, length=12, seed=0, pad_from=9):
+  rs = np.random.RandomState(seed)
+  batch = {"inputs": rs.randint(1, VOCAB, (b, length)).astype(np.int32),
+           "user_id": rs.randint(0, 10, (b,)).astype(np.int32),
+           "genres": rs.randint(0, 6, (b, 3)).astype(np.int32),
+           "targets": (rs.randn(b) + 3.0).astype(np.float32)}
+  batch["inputs"][:, pad_from:] = 0
+  return batch
+
+
+def build(name, **kw):
+  kw.setdefault("adapter_dim", 8)
+  kw.setdefault("fusion_hidden", (8,))
+  return methods.make_method(name, backbone=t5.T5Encoder(tiny_cfg()),
+                             task_net=FeatureTower(FEATS, hidden=(16,)), **kw)
+
+
+def init_state(m, batch, lr=1e-2, stage=0):
+  params = nn.meta.unbox(m.init(jax.random.PRNGKey(0), batch))
+  opt = make_optimizer(OptimizerConfig(learning_rate=lr, schedule="constant"), 100)
+  trainable, frozen = methods.partition(params, m.stages[stage].frozen)
+  return step.TrainState.create(trainable, frozen, opt), opt
+
+
+def test_encoder_shapes_and_mask():
+  cfg = tiny_cfg()
+  enc = t5.T5Encoder(cfg)
+  tokens = make_batch()["inputs"]
+  params = enc.init(jax.random.PRNGKey(0), tokens)
+  out = enc.apply(params, tokens)
+  assert out.final.shape == (8, 12, cfg.emb_dim)
+  assert len(out.layers) == cfg.num_layers
+  assert all(h.shape == (8, 12, cfg.emb_dim) for h in out.layers)
+  np.testing.assert_array_equal(out.mask, tokens > 0)
+  assert not np.allclose(out.layers[0], out.layers[1])
+
+
+def test_padding_never_changes_pooled_taps():
+  enc = t5.T5Encoder(tiny_cfg())
+  short = make_batch(length=9, pad_from=6)["inputs"]
+  long = np.concatenate([short, np.zeros((8, 7), np.int32)], axis=1)
+  params = enc.init(jax.random.PRNGKey(0), short)
+  a, b = enc.apply(params, short), enc.apply(params, long)
+  for ha, hb in zip(a.layers + (a.final,), b.layers + (b.final,)):
+    np.testing.assert_allclose(pool(ha, a.mask, "mean"), pool(hb, b.mask, "mean"),
+                               atol=1e-5)
+  # ...while garbage in a padded slot would change nothing either (it is masked).
+  dirty = long.copy()
+  dirty[:, 10:] = 0
+  np.testing.assert_array_equal(enc.apply(params, dirty).final, b.final)
+
+
+def test_one_hot_embedding_matches_gather():
+  tokens = make_batch()["inputs"]
+  params = t5.T5Encoder(tiny_cfg()).init(jax.random.PRNGKey(0), tokens)
+  a = t5.T5Encoder(tiny_cfg()).apply(params, tokens).final
+  b = t5.T5Encoder(tiny_cfg(one_hot_embedding=True)).apply(params, tokens).final
+  np.testing.assert_array_equal(a, b)
+
+
+def expected_tree(cfg: t5.T5Config) -> dict:
+  """T5X's token_embedder + encoder names and shapes for a config."""
+  kv = cfg.num_heads * cfg.head_dim
+  tree = {"token_embedder/embedding": ((cfg.vocab_size, cfg.emb_dim), ("vocab", "embed")),
+          "encoder/relpos_bias/rel_embedding": ((cfg.num_heads, 32), ("heads", "relpos_buckets")),
+          "encoder/encoder_norm/scale": ((cfg.emb_dim,), ("embed",))}
+  wi = ["wi"] if len(cfg.mlp_activations) == 1 else ["wi_0", "wi_1"]
+  for i in range(cfg.num_layers):
+    p = f"encoder/layers_{i}/"
+    tree[p + "pre_attention_layer_norm/scale"] = ((cfg.emb_dim,), ("embed",))
+    tree[p + "pre_mlp_layer_norm/scale"] = ((cfg.emb_dim,), ("embed",))
+    for n in ("query", "key", "value"):
+      tree[p + f"attention/{n}/kernel"] = ((cfg.emb_dim, kv), ("embed", "joined_kv"))
+    tree[p + "attention/out/kernel"] = ((kv, cfg.emb_dim), ("joined_kv", "embed"))
+    for n in wi:
+      tree[p + f"mlp/{n}/kernel"] = ((cfg.emb_dim, cfg.mlp_dim), ("embed", "mlp"))
+    tree[p + "mlp/wo/kernel"] = ((cfg.mlp_dim, cfg.emb_dim), ("mlp", "embed"))
+  return tree
+
+
+@pytest.mark.parametrize("name", sorted(t5.PRESETS))
+def test_preset_param_tree_is_t5x(name):
+  cfg = t5.preset(name)
+  tokens = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+  abstract = jax.eval_shape(lambda t: t5.T5Encoder(cfg).init(jax.random.PRNGKey(0), t),
+                            tokens)["params"]
+  flat = traverse_util.flatten_dict(abstract, sep="/")
+  got = {k: (tuple(v.value.shape), tuple(v.names)) for k, v in flat.items()}
+  assert got == expected_tree(cfg)
+  assert all(v.value.dtype == jnp.float32 for v in flat.values())
+
+
+def test_bfloat16_activations_keep_float32_params():
+  cfg = tiny_cfg(dtype="bfloat16")
+  tokens = make_batch()["inputs"]
+  variables = t5.T5Encoder(cfg).init(jax.random.PRNGKey(0), tokens)
+  assert {x.dtype for x in jax.tree.leaves(nn.meta.unbox(variables))} == {jnp.dtype("float32")}
+  assert t5.T5Encoder(cfg).apply(variables, tokens).final.dtype == jnp.bfloat16
+
+
+def test_resolve_taps():
+  assert resolve_taps(("middle", -1), 8) == (3, 7)
+  assert resolve_taps((0, -8, "final", 7, -1), 8) == (0, "final", 7)
+  with pytest.raises(ValueError, match=r"tap layer index 8 is out of range.*8 layers"):
+    resolve_taps((8,), 8)
+  with pytest.raises(ValueError, match="out of range"):
+    resolve_taps((-9,), 8)
+  with pytest.raises(ValueError, match="unknown tap"):
+    resolve_taps(("top",), 8)
+
+
+def test_out_of_range_tap_fails_at_init():
+  m = build("levi", taps=(0, 5))
+  with pytest.raises(ValueError, match="tap layer index 5 is out of range.*2 layers"):
+    m.init(jax.random.PRNGKey(0), make_batch())
+
+
+def test_unknown_method_lists_close_matches():
+  with pytest.raises(ValueError, match=r"unknown method 'levy'.*did you mean levi"):
+    build("levy")
+
+
+def test_missing_parts_are_named():
+  with pytest.raises(ValueError, match="needs a task_net"):
+    methods.make_method("levi", backbone=t5.T5Encoder(tiny_cfg()))
+  with pytest.raises(ValueError, match="needs a backbone"):
+    methods.make_method("ft", task_net=FeatureTower(FEATS))
+
+
+def test_feature_vocab_mismatch_is_named():
+  batch = make_batch()
+  batch["user_id"][0] = 10
+  with pytest.raises(ValueError, match=r"feature 'user_id'.*\[0, 10\).*\[.*10\]"):
+    validate_features(batch, FEATS)
+  with pytest.raises(ValueError, match=r"feature 'genres': expected shape \[batch, 3\]"):
+    validate_features(dict(make_batch(), genres=np.zeros((8, 4), np.int32)), FEATS)
+  with pytest.raises(KeyError, match="no feature 'item_id'"):
+    validate_features(make_batch(), FEATS + (CategoricalFeature("item_id", 5),))
+  validate_features(make_batch(), FEATS)
+
+
+def test_bag_mean_ignores_padding():
+  tower = FeatureTower((CategoricalFeature("g", 6, bag_size=3),), hidden=(4,))
+  a = {"g": np.array([[2, 3, 0]], np.int32)}
+  b = {"g": np.array([[3, 2, 0]], np.int32)}
+  c = {"g": np.array([[2, 3, 3]], np.int32)}
+  params = tower.init(jax.random.PRNGKey(0), a)
+  np.testing.assert_allclose(tower.apply(params, a), tower.apply(params, b), atol=1e-6)
+  assert not np.allclose(tower.apply(params, a), tower.apply(params, c))
+
+
+@pytest.mark.parametrize("num_layers", [0, 1])
+def test_token_tower(num_layers):
+  tower = TokenTower(VOCAB, embed_dim=8, num_layers=num_layers, out_dim=5, max_length=16)
+  batch = make_batch()
+  params = tower.init(jax.random.PRNGKey(0), batch)
+  assert tower.apply(params, batch).shape == (8, 5)
+
+
+@pytest.mark.parametrize("name", methods.METHODS)
+def test_every_method_lowers_the_loss(name):
+  m = build(name)
+  batch = make_batch()
+  state, opt = init_state(m, batch, lr=0.1)
+  train_step = jax.jit(step.make_train_step(m, opt, step.LossConfig()))
+  losses = []
+  for _ in range(6):
+    state, metrics = train_step(state, batch, jax.random.PRNGKey(1))
+    losses.append(float(metrics["loss"]))
+  assert np.all(np.isfinite(losses))
+  assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", ["levi", "lp", "lora", "levi_lora", "ensemble"])
+def test_frozen_params_unchanged_and_stateless(name):
+  m = build(name)
+  batch = make_batch()
+  state, opt = init_state(m, batch)
+  frozen0 = jax.tree.map(np.array, state.frozen)
+  train_step = jax.jit(step.make_train_step(m, opt, step.LossConfig()))
+  for _ in range(3):
+    state, _ = train_step(state, batch, jax.random.PRNGKey(1))
+  jax.tree.map(np.testing.assert_array_equal, frozen0, jax.tree.map(np.array, state.frozen))
+  frozen_paths = traverse_util.flatten_dict(state.frozen, sep="/")
+  assert frozen_paths and all("backbone" in p for p in frozen_paths)
+  # Optimizer state covers exactly the trainable leaves: Adam's mu and nu.
+  n_train = len(jax.tree.leaves(state.params))
+  big = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0]
+  assert len(big) == 2 * n_train
+  trainable_paths = traverse_util.flatten_dict(state.params, sep="/")
+  assert not any(p.startswith("backbone/") for p in trainable_paths)
+
+
+def _dot_shapes(jaxpr) -> list[tuple]:
+  shapes = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      shapes.append(tuple(eqn.outvars[0].aval.shape))
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      shapes.extend(_dot_shapes(sub))
+  return shapes
+
+
+@pytest.mark.parametrize("name,expect_backbone_grads", [("levi", False), ("lp", False),
+                                                        ("ft", True), ("levi_ft", True)])
+def test_backbone_backprop_is_structurally_absent(name, expect_backbone_grads):
+  """The train step's program computes no backbone-kernel gradient when frozen."""
+  m = build(name)
+  batch = make_batch(b=5)  # a batch size no kernel dimension shares
+  state, opt = init_state(m, batch)
+  train_step = step.make_train_step(m, opt, step.LossConfig())
+  jaxpr = jax.make_jaxpr(train_step)(state, batch, jax.random.PRNGKey(1)).jaxpr
+  cfg = tiny_cfg()
+  kv = cfg.num_heads * cfg.head_dim
+  # Weight-gradient matmuls produce the kernel's own shape; the forward never
+  # does (its outputs carry batch/length axes).
+  kernel_shapes = {(cfg.emb_dim, kv), (kv, cfg.emb_dim), (cfg.emb_dim, cfg.mlp_dim),
+                   (cfg.mlp_dim, cfg.emb_dim)}
+  found = kernel_shapes & set(_dot_shapes(jaxpr))
+  assert bool(found) == expect_backbone_grads, found
+
+
+def test_lora_with_zero_b_equals_base_model():
+  batch = make_batch()
+  lp = build("ft")
+  lo = build("lora", lora=lora_lib.LoraConfig(rank=2))
+  params = nn.meta.unbox(lo.init(jax.random.PRNGKey(0), batch))
+  base = {k: v for k, v in params.items() if k != "lora"}
+  np.testing.assert_allclose(lo.apply(params, batch)["prediction"],
+                             lp.apply(base, batch)["prediction"], atol=1e-6)
+  flat = traverse_util.flatten_dict(params["lora"], sep="/")
+  assert len(flat) == 2 * 7 * 2  # 2 layers x 7 kernels (q, k, v, o, wi_0, wi_1, wo) x (a, b)
+  assert flat["encoder/layers_0/attention/query/a"].shape == (8, 2)
+  # A nonzero B changes the output.
+  params["lora"] = jax.tree.map(lambda x: x + 0.1, params["lora"])
+  assert not np.allclose(lo.apply(params, batch)["prediction"],
+                         lp.apply(base, batch)["prediction"])
+
+
+def test_ensemble_is_mean_of_members():
+  m = build("ensemble")
+  batch = make_batch()
+  params = nn.meta.unbox(m.init(jax.random.PRNGKey(0), batch))
+  out = m.apply(params, batch)
+  assert len(out["members"]) == 2
+  np.testing.assert_allclose(out["prediction"], (out["members"][0] + out["members"][1]) / 2,
+                             atol=1e-6)
+
+
+def test_two_stage_and_wise_methods():
+  lpft = build("lpft", lp_fraction=0.3)
+  assert [s.name for s in lpft.stages] == ["lp", "ft"]
+  assert lpft.stages[0].frozen == ("backbone",) and lpft.stages[1].frozen == ()
+  assert lpft.stages[0].fraction == pytest.approx(0.3)
+  wise = build("wiseft", wise_alphas=(0.5,))
+  assert wise.wise_alphas == (0.5,)
+  p0 = {"a": jnp.zeros(3)}
+  p1 = {"a": jnp.ones(3) * 2}
+  np.testing.assert_allclose(methods.wise_interpolate(p0, p1, 0.25)["a"], 0.5)
+  with pytest.raises(ValueError, match="alpha"):
+    methods.wise_interpolate(p0, p1, 1.5)
+
+
+def test_aux_heads_add_weighted_loss():
+  batch = make_batch()
+  m = build("levi", aux_heads=True)
+  params = nn.meta.unbox(m.init(jax.random.PRNGKey(0), batch))
+  out = m.apply(params, batch)
+  assert len(out["aux"]) == 3  # two taps + task net
+  base, _ = step.compute_loss(out, batch, step.LossConfig())
+  with_aux, _ = step.compute_loss(out, batch, step.LossConfig(aux_weight=0.5))
+  expected = base + 0.5 * sum(np.mean((a[:, 0] - batch["targets"]) ** 2) for a in out["aux"])
+  np.testing.assert_allclose(with_aux, expected, rtol=1e-5)
+
+
+def test_classification_head_and_eval_sums():
+  batch = make_batch()
+  batch["targets"] = np.arange(8, dtype=np.int32) % 3
+  m = build("levi", num_outputs=3)
+  params = nn.meta.unbox(m.init(jax.random.PRNGKey(0), batch))
+  assert m.apply(params, batch)["prediction"].shape == (8, 3)
+  loss, _ = step.compute_loss(m.apply(params, batch), batch,
+                              step.LossConfig(task="classification"))
+  assert np.isfinite(loss) and loss > 0
+  sums = step.make_eval_step(m, step.LossConfig(task="classification"))(params, batch)
+  assert float(sums["weight"]) == 8 and 0 <= float(sums["correct"]) <= 8
+
+
+def test_eval_padding_weights_are_ignored():
+  m = build("scratch")
+  batch = make_batch()
+  params = nn.meta.unbox(m.init(jax.random.PRNGKey(0), batch))
+  eval_step = step.make_eval_step(m, step.LossConfig())
+  real = step.finalize_metrics(eval_step(params, batch), "regression")
+  padded = {k: np.concatenate([v, v[:3]]) for k, v in batch.items()}
+  padded["targets"][8:] = 1e6
+  padded["weights"] = np.array([1.0] * 8 + [0.0] * 3, np.float32)
+  got = step.finalize_metrics(eval_step(params, padded), "regression")
+  assert got["count"] == 8
+  np.testing.assert_allclose(got["rmse"], real["rmse"], rtol=1e-6)
