@@ -323,3 +323,24 @@ def test_eval_padding_weights_are_ignored():
   got = step.finalize_metrics(eval_step(params, padded), "regression")
   assert got["count"] == 8
   np.testing.assert_allclose(got["rmse"], real["rmse"], rtol=1e-6)
+
+
+def test_cached_taps_give_the_same_trajectory():
+  m = build("levi")
+  batch = make_batch()
+  state, opt = init_state(m, batch)
+  params = methods.combine(state.params, state.frozen)
+  taps = m.module.apply({"params": params}, batch, method=m.module.pooled_taps)
+  assert taps.shape == (8, 2, tiny_cfg().emb_dim)
+  cached = dict(batch, pooled_taps=np.asarray(taps))
+  cached["inputs"] = np.zeros_like(batch["inputs"])  # proves the backbone is not read
+  train_step = jax.jit(step.make_train_step(m, opt, step.LossConfig()))
+  a, b = state, state
+  for _ in range(4):
+    a, ma = train_step(a, batch, jax.random.PRNGKey(1))
+    b, mb = train_step(b, cached, jax.random.PRNGKey(1))
+    np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), a.params, b.params)
+  bad = dict(cached, pooled_taps=np.asarray(taps)[:, :1])
+  with pytest.raises(ValueError, match="holds 1 taps"):
+    m.apply(params, bad)

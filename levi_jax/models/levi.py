@@ -22,6 +22,9 @@ What the paper states [paper] and what we chose [ours] (see shared PAPER.md):
 * [ours] Freezing: `jax.lax.stop_gradient` on the backbone outputs, and the
   train step differentiates only the trainable subtree, so no gradient is
   computed for (nor optimizer state kept for) the backbone.
+* Beyond the paper: a frozen backbone's pooled taps depend on the example
+  only, so they can be computed once (`LeviModel.pooled_taps`) and passed in
+  the batch under `CACHED_TAPS`; the backbone then does not run.
 
 The same module, with other settings, is every baseline (see
 `levi_jax.methods`): FT/LP are `taps=("final",)`, no adapter, no task net, a
@@ -40,6 +43,9 @@ from levi_jax.models.task_net import MLP
 
 Array = jax.Array
 Tap = int | str
+
+# Batch key of precomputed pooled taps, `[batch, num_taps, embed]`.
+CACHED_TAPS = "pooled_taps"
 
 
 def resolve_taps(taps: Sequence[Tap], num_layers: int) -> tuple[int | str, ...]:
@@ -105,16 +111,29 @@ class LeviModel(nn.Module):
   freeze_backbone: bool = True
   dtype: Any = jnp.float32
 
+  def pooled_taps(self, batch: Mapping[str, Array], deterministic: bool = True) -> Array:
+    """The pooled backbone taps, `[batch, num_taps, embed]` (what the cache stores)."""
+    taps = resolve_taps(self.taps, self.backbone.config.num_layers)
+    enc = self.backbone(batch["inputs"], deterministic=deterministic)
+    pooled = [pool(enc.final if t == "final" else enc.layers[t], enc.mask, self.pooling)
+              for t in taps]
+    return jnp.stack(pooled, axis=1)
+
   def _views(self, batch: Mapping[str, Array], deterministic: bool) -> list[Array]:
     views = []
     if self.backbone is not None and self.taps:
       taps = resolve_taps(self.taps, self.backbone.config.num_layers)
-      enc = self.backbone(batch["inputs"], deterministic=deterministic)
-      for t in taps:
-        h = enc.final if t == "final" else enc.layers[t]
-        if self.freeze_backbone:
-          h = jax.lax.stop_gradient(h)
-        v = pool(h, enc.mask, self.pooling).astype(self.dtype)
+      if CACHED_TAPS in batch:  # precomputed by `pooled_taps`; backbone skipped
+        pooled = jnp.asarray(batch[CACHED_TAPS])
+        if pooled.shape[1] != len(taps):
+          raise ValueError(f"batch['{CACHED_TAPS}'] holds {pooled.shape[1]} taps, the "
+                           f"model taps {len(taps)} ({taps})")
+      else:
+        pooled = self.pooled_taps(batch, deterministic)
+      if self.freeze_backbone:
+        pooled = jax.lax.stop_gradient(pooled)
+      for i, t in enumerate(taps):
+        v = pooled[:, i].astype(self.dtype)
         if self.adapter_dim is not None:
           name = f"adapter_{t}"
           v = nn.LayerNorm(dtype=self.dtype, name=f"{name}_norm")(v)
