@@ -30,6 +30,7 @@ setup(
             "tensorflow-text>=2.21",
             "tensorflow-datasets>=4.9.10",
             "sentencepiece>=0.2.0",
+            "importlib_resources>=6.0",  # TFDS needs it to prepare (download) datasets.
             "clu>=0.0.12",
             "matplotlib>=3.9",
         ],
@@ -40,6 +41,7 @@ setup(
             "tensorflow-text>=2.21",
             "tensorflow-datasets>=4.9.10",
             "sentencepiece>=0.2.0",
+            "importlib_resources>=6.0",  # TFDS needs it to prepare (download) datasets.
             "clu>=0.0.12",
             "matplotlib>=3.9",
         ],

@@ -1,0 +1,103 @@
+"""Lists the registered Tasks, or summarizes one.
+
+    python -m levi_jax.data.inspect --list
+    python -m levi_jax.data.inspect --task movielens_100k.gender_m_to_f [--data_dir DIR]
+
+For a task: where its data came from, malformed rows, the populations, per split
+the number of ratings, users and items with the rating mean and std, the
+categorical features, and three examples from the seqio Task, decoded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from levi_jax.data import pipeline
+from levi_jax.data.report import MalformedDataError, MissingFilesError
+
+
+def _list() -> None:
+  import seqio  # pylint: disable=g-import-not-at-top
+
+  from levi_jax.data import tasks  # pylint: disable=g-import-not-at-top,unused-import
+
+  registered = set(seqio.TaskRegistry.names())
+  names = [n for n in pipeline.task_names() if n in registered]
+  width = max(len(n) for n in names)
+  for n in names:
+    _, shift = pipeline.lookup_task(n)
+    print(f"{n:<{width}}  {shift.kind:<5} {'/'.join(shift.splits)}  {shift.description}")
+  print(f"{len(names)} tasks")
+
+
+def _describe(name: str, data_dir: str | None, inputs_length: int,
+              vocab_path: str | None) -> None:
+  task = pipeline.prepare(name, data_dir)
+  from levi_jax.data import tasks  # pylint: disable=g-import-not-at-top
+
+  t, shift = task.table, task.shift
+  print(f"task {name}: {shift.description}")
+  print(f"  data: {t.source}: {t.num_rows} ratings, {t.num_users} users, {t.num_items} items")
+  print("  malformed: " + t.report.summary().replace("\n", "\n    "))
+  print(f"  training population: {' AND '.join(map(str, shift.train)) or 'all ratings'}")
+  if shift.ood is not None:
+    print(f"  OOD population: {' AND '.join(map(str, shift.ood))}")
+  print(f"  held out by {shift.holdout}; id_test {shift.id_test_fraction:g}, validation "
+        f"{shift.validation_fraction:g} of the training population"
+        + (f"; unseen in OOD: {', '.join(shift.unseen)}" if shift.unseen else ""))
+  print(f"  {'split':<11}{'ratings':>9}{'users':>8}{'items':>8}{'mean':>8}{'std':>7}")
+  used = 0
+  for split, rows in task.splits.items():
+    r = t.rows["rating"][rows]
+    used += len(rows)
+    print(f"  {split:<11}{len(rows):>9}{len(np.unique(t.rows['user_index'][rows])):>8}"
+          f"{len(np.unique(t.rows['item_index'][rows])):>8}{r.mean():>8.3f}{r.std():>7.3f}")
+  print(f"  unused (in neither population): {t.num_rows - used} ratings")
+  print("  features: " + ", ".join(
+      f"{f.name} ({f.vocab_size}{f', bag {f.bag_size}' if f.bag_size else ''})"
+      for f in task.feature_specs))
+  tasks.register_tasks(data_dir=data_dir, vocab_path=vocab_path)
+  ds = tasks.get_dataset(name, "train", inputs_length=inputs_length)
+  import seqio  # pylint: disable=g-import-not-at-top
+
+  vocab = seqio.get_mixture_or_task(name).output_features["inputs"].vocabulary
+  print(f"  vocabulary: {vocab.sentencepiece_model_file} ({vocab.vocab_size} pieces)")
+  print("  three examples (train split, from the seqio Task):")
+  for k, ex in enumerate(ds.take(3).as_numpy_iterator()):
+    n_tok = int((ex["inputs"] > 0).sum())
+    print(f"  [{k}] inputs ({n_tok} tokens): {vocab.decode(ex['inputs'].tolist())!r}")
+    feats = [f"{f.name}={task.decode_feature(f.name, ex[f.name])}" if f.bag_size
+             else f"{f.name}={task.decode_feature(f.name, ex[f.name])[0]}"
+             for f in task.feature_specs]
+    print("      " + ", ".join(feats))
+    print(f"      targets={float(ex['targets']):g}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the command line; returns the exit status."""
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  group = parser.add_mutually_exclusive_group(required=True)
+  group.add_argument("--list", action="store_true", help="list the registered tasks")
+  group.add_argument("--task", help="summarize this task")
+  parser.add_argument("--data_dir", default=None,
+                      help="raw files, tfds[:DIR], or unset for LEVI_DATA_DIR / the synthetic world")
+  parser.add_argument("--inputs_length", type=int, default=pipeline.DEFAULT_INPUTS_LENGTH)
+  parser.add_argument("--vocab_path", default=None, help="SentencePiece model for inputs")
+  args = parser.parse_args(argv)
+  try:
+    if args.list:
+      _list()
+    else:
+      _describe(args.task, args.data_dir, args.inputs_length, args.vocab_path)
+  except (pipeline.UnknownTaskError, MissingFilesError, MalformedDataError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

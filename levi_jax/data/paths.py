@@ -1,0 +1,51 @@
+"""Where data comes from: the data dir convention and the cache dir.
+
+A data dir is one of:
+
+* a directory of raw files: either the dataset's own folder (`u.data`, ...) or
+  a root holding one folder per dataset under its canonical name (`ml-100k/`,
+  `ml-1m/`, `amazon_2018/`, `amazon_us/`, `pretrain/ml-100k/`), as
+  `levi_jax.data.synthetic.write_world` lays out;
+* `tfds` or `tfds:<TFDS data dir>`: MovieLens through TensorFlow Datasets;
+* None: the `LEVI_DATA_DIR` environment variable if set, else the embedded
+  default, a synthetic world generated on first use under the cache dir.
+
+The cache dir (trained vocabularies, the default world) is `LEVI_CACHE_DIR`,
+else `~/.cache/levi_jax`.
+"""
+
+from __future__ import annotations
+
+import os
+
+DATA_DIR_ENV = "LEVI_DATA_DIR"
+CACHE_DIR_ENV = "LEVI_CACHE_DIR"
+TFDS_PREFIX = "tfds"
+
+
+def cache_dir() -> str:
+  """The cache directory (created on demand by its users)."""
+  return os.environ.get(CACHE_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache",
+                                                       "levi_jax")
+
+
+def resolve_data_dir(data_dir: str | None) -> str:
+  """An explicit data dir: the argument, `LEVI_DATA_DIR`, or the default synthetic world."""
+  if data_dir:
+    return data_dir if is_tfds(data_dir) else os.path.abspath(os.path.expanduser(data_dir))
+  env = os.environ.get(DATA_DIR_ENV)
+  if env:
+    return resolve_data_dir(env)
+  from levi_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+
+  return synthetic.ensure_default_world()
+
+
+def is_tfds(data_dir: str) -> bool:
+  return data_dir == TFDS_PREFIX or data_dir.startswith(TFDS_PREFIX + ":")
+
+
+def tfds_data_dir(data_dir: str) -> str | None:
+  """The TFDS data dir named by a `tfds[:DIR]` data dir (None: TFDS's default)."""
+  rest = data_dir[len(TFDS_PREFIX) + 1:]
+  return rest or None

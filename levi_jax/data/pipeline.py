@@ -1,0 +1,304 @@
+"""From a task name to examples: splits, feature vocabularies, text, and numpy arrays.
+
+A task is a dataset under a shift, named `<dataset>.<shift>` (e.g.
+`movielens_100k.gender_m_to_f`; `pretrain_corpus.all` for the pre-training
+corpus), with splits `train`, `validation`, `id_test` and `ood_test`.
+
+An example is
+  * `inputs`: int32 [inputs_length] SentencePiece ids of the text, EOS (1)
+    appended after truncation to inputs_length - 1, padded with 0;
+  * one int32 id per categorical feature (scalar, or a [K] bag padded with 0):
+    0 = missing, 1 = not among the training split's kept values (OOV), 2.. =
+    values of the training split, most frequent first (ties by value);
+  * `targets`: the rating, float32.
+
+`load_split_arrays` builds a whole split as numpy arrays without TensorFlow;
+`levi_jax.data.tasks` serves the same examples through seqio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import logging
+import math
+from typing import Any
+
+import numpy as np
+
+from levi_jax.data import datasets, paths, shifts, spm
+from levi_jax.data.table import ROW, USER, RatingsTable
+from levi_jax.models.task_net import OOV_ID, PAD_ID, CategoricalFeature
+
+DEFAULT_INPUTS_LENGTH = 64
+
+
+class UnknownTaskError(ValueError):
+  """A task name that is not registered."""
+
+
+def task_name(dataset: str, shift: str) -> str:
+  """The task name of `dataset` under `shift`."""
+  return f"{dataset}.{shift}"
+
+
+@functools.lru_cache(maxsize=None)
+def _task_table() -> dict[str, tuple[str, shifts.Shift]]:
+  out = {}
+  for spec in datasets.DATASETS.values():
+    for s in shifts.shifts_for(spec.name, spec.family):
+      out[task_name(spec.name, s.name)] = (spec.name, s)
+  return out
+
+
+def task_names() -> list[str]:
+  """All task names, datasets in declaration order, shifts in declaration order."""
+  return list(_task_table())
+
+
+def lookup_task(name: str) -> tuple[datasets.DatasetSpec, shifts.Shift]:
+  """The dataset spec and shift of task `name`.
+
+  Raises:
+    UnknownTaskError: listing the closest task names.
+  """
+  table = _task_table()
+  if name not in table:
+    close = difflib.get_close_matches(name, table, n=5, cutoff=0.5)
+    hint = f"; close matches: {', '.join(close)}" if close else ""
+    raise UnknownTaskError(f"unknown task {name!r}{hint}. `python -m levi_jax.data.inspect "
+                           f"--list` lists all {len(table)}.")
+  dataset, shift = table[name]
+  return datasets.DATASETS[dataset], shift
+
+
+def _key(v: Any) -> str:
+  """A feature value as a vocabulary key ('' = missing)."""
+  if isinstance(v, (bool, np.bool_)):
+    return "true" if v else "false"
+  if isinstance(v, (float, np.floating)):
+    if math.isnan(v):
+      return ""
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+  return str(v)
+
+
+@dataclasses.dataclass(eq=False)
+class EncodedFeature:
+  """One categorical feature of a task: its vocabulary and per-unit ids.
+
+  Attributes:
+    spec: the model-side description.
+    level: 'user', 'item' or 'row': what the ids are indexed by.
+    values: the kept values; value k has id k + 2.
+    ids: int32 ids per unit ([units] or [units, K]).
+  """
+
+  spec: CategoricalFeature
+  level: str
+  values: tuple[str, ...]
+  ids: np.ndarray
+
+
+def _encode_feature(table: RatingsTable, fdef: datasets.FeatureDef,
+                    train_rows: np.ndarray) -> EncodedFeature:
+  level = table.level(fdef.column)
+  if level == ROW:
+    raw = table.rows[fdef.column]
+    unit_train_count = np.zeros(len(raw), np.int64)
+    unit_train_count[train_rows] = 1
+  else:
+    raw = (table.users if level == USER else table.items)[fdef.column]
+    index = table.rows["user_index" if level == USER else "item_index"][train_rows]
+    unit_train_count = np.bincount(index, minlength=len(raw))
+  if fdef.bag_size is None:
+    members = [[_key(v)] for v in raw]
+  else:
+    members = [[_key(v) for v in bag] for bag in raw]
+  counts: dict[str, int] = {}
+  for unit, keys in enumerate(members):
+    c = int(unit_train_count[unit])
+    if c:
+      for k in keys:
+        if k:
+          counts[k] = counts.get(k, 0) + c
+  kept = sorted(counts, key=lambda k: (-counts[k], k))[:fdef.max_values]
+  vocab = {k: i + 2 for i, k in enumerate(kept)}
+  width = fdef.bag_size or 1
+  ids = np.zeros((len(members), width), np.int32)
+  truncated = 0
+  for unit, keys in enumerate(members):
+    keys = [k for k in keys if k]
+    truncated += len(keys) > width
+    for j, k in enumerate(keys[:width]):
+      ids[unit, j] = vocab.get(k, OOV_ID)
+  if truncated:
+    logging.warning("%s: %d %ss have more than %d %s values; the first %d are kept",
+                    table.dataset, truncated, level, width, fdef.name, width)
+  spec = CategoricalFeature(fdef.name, vocab_size=len(kept) + 2, bag_size=fdef.bag_size)
+  return EncodedFeature(spec, level, tuple(kept), ids if fdef.bag_size else ids[:, 0])
+
+
+@dataclasses.dataclass(eq=False)
+class PreparedTask:
+  """A task's table, splits, feature vocabularies and texts.
+
+  Attributes:
+    name: task name.
+    dataset: dataset spec.
+    shift: the shift.
+    table: the loaded table.
+    splits: split name -> sorted rating indices.
+    features: encoded categorical features, in the dataset's order.
+    user_text, item_text: per-user and per-item text.
+    data_dir: the resolved data dir.
+  """
+
+  name: str
+  dataset: datasets.DatasetSpec
+  shift: shifts.Shift
+  table: RatingsTable
+  splits: dict[str, np.ndarray]
+  features: tuple[EncodedFeature, ...]
+  user_text: np.ndarray
+  item_text: np.ndarray
+  data_dir: str
+
+  @property
+  def feature_specs(self) -> list[CategoricalFeature]:
+    return [f.spec for f in self.features]
+
+  def rows(self, split: str) -> np.ndarray:
+    """Rating indices of `split`; a ValueError names the task's splits."""
+    if split not in self.splits:
+      raise ValueError(f"task {self.name} has splits {list(self.splits)}, not {split!r}")
+    return self.splits[split]
+
+  def texts(self, rows: np.ndarray) -> list[str]:
+    """The `inputs` text of ratings `rows`."""
+    t = self.table
+    return datasets.join_texts(self.user_text[t.rows["user_index"][rows]],
+                               self.item_text[t.rows["item_index"][rows]])
+
+  def feature_ids(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Categorical feature ids of ratings `rows` (int32 [n] or [n, K])."""
+    out = {}
+    for f in self.features:
+      if f.level == ROW:
+        out[f.spec.name] = f.ids[rows]
+      else:
+        index = self.table.rows["user_index" if f.level == USER else "item_index"][rows]
+        out[f.spec.name] = f.ids[index]
+    return out
+
+  def source_arrays(self, split: str) -> dict[str, Any]:
+    """A split before tokenization: `inputs` text (list), feature ids, `targets`."""
+    rows = self.rows(split)
+    return {"inputs": self.texts(rows), **self.feature_ids(rows),
+            "targets": self.table.rows["rating"][rows].astype(np.float32)}
+
+  def decode_feature(self, name: str, ids: np.ndarray) -> list[str]:
+    """Feature ids back to values ('<pad>', '<oov>' for the reserved ids)."""
+    f = next(f for f in self.features if f.spec.name == name)
+    words = {PAD_ID: "<pad>", OOV_ID: "<oov>"}
+    return [words.get(int(i)) or f.values[int(i) - 2] for i in np.ravel(ids)]
+
+
+def prepare(name: str, data_dir: str | None = None,
+            max_bad_fraction: float = datasets.DEFAULT_MAX_BAD_FRACTION) -> PreparedTask:
+  """Loads and splits task `name`, and builds its feature vocabularies (cached)."""
+  spec, _ = lookup_task(name)
+  resolved = paths.resolve_data_dir(data_dir)
+  table = datasets.load_table(spec.name, resolved, max_bad_fraction)
+  return _prepare(name, resolved, table)
+
+
+@functools.lru_cache(maxsize=16)
+def _prepare(name: str, data_dir: str, table: RatingsTable) -> PreparedTask:
+  spec, shift = lookup_task(name)
+  splits = shifts.split_rows(table, shift)
+  features = tuple(_encode_feature(table, f, splits["train"]) for f in spec.features)
+  user_text, item_text = _side_texts(table)
+  return PreparedTask(name, spec, shift, table, splits, features, user_text, item_text, data_dir)
+
+
+@functools.lru_cache(maxsize=8)
+def _side_texts(table: RatingsTable) -> tuple[np.ndarray, np.ndarray]:
+  return datasets.side_texts(table)
+
+
+def feature_specs(name: str, data_dir: str | None = None,
+                  max_bad_fraction: float = datasets.DEFAULT_MAX_BAD_FRACTION
+                  ) -> list[CategoricalFeature]:
+  """The categorical features the examples of task `name` carry (sizes from its data)."""
+  return prepare(name, data_dir, max_bad_fraction).feature_specs
+
+
+def vocabulary_path(name: str, data_dir: str | None = None, vocab_path: str | None = None,
+                    max_bad_fraction: float = datasets.DEFAULT_MAX_BAD_FRACTION) -> str:
+  """The SentencePiece model for task or dataset `name` (see `levi_jax.data.spm`)."""
+  import os  # pylint: disable=g-import-not-at-top
+
+  explicit = vocab_path or os.environ.get(spm.VOCAB_ENV)
+  if explicit:
+    return explicit
+  dataset = name.split(".")[0]
+  datasets.get_spec(dataset)
+  resolved = paths.resolve_data_dir(data_dir)
+  if not paths.is_tfds(resolved):
+    shipped = spm.find_shipped(datasets.dataset_dir_candidates(dataset, resolved))
+    if shipped:
+      return shipped
+  table = datasets.load_table(dataset, resolved, max_bad_fraction)
+  user_text, item_text = _side_texts(table)
+  return spm.cached_sentencepiece([t for t in user_text if t] + list(item_text))
+
+
+@functools.lru_cache(maxsize=4)
+def _processor(model_path: str):
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+
+  proc = sentencepiece.SentencePieceProcessor(model_proto=spm.read_model(model_path))
+  if proc.pad_id() != 0 or proc.eos_id() != 1:
+    raise ValueError(f"{model_path}: expected pad id 0 and EOS id 1 (T5's convention), got "
+                     f"pad {proc.pad_id()}, EOS {proc.eos_id()}")
+  return proc
+
+
+def tokenize(texts: list[str], model_path: str, length: int) -> np.ndarray:
+  """int32 [n, length]: ids truncated to length - 1, EOS appended, padded with 0."""
+  proc = _processor(model_path)
+  out = np.zeros((len(texts), length), np.int32)
+  for r, ids in enumerate(proc.encode(texts)):
+    ids = ids[:length - 1] + [proc.eos_id()]
+    out[r, :len(ids)] = ids
+  return out
+
+
+def load_split_arrays(name: str, split: str, data_dir: str | None = None,
+                      inputs_length: int = DEFAULT_INPUTS_LENGTH, vocab_path: str | None = None,
+                      max_bad_fraction: float = datasets.DEFAULT_MAX_BAD_FRACTION
+                      ) -> dict[str, np.ndarray]:
+  """A whole split as numpy arrays, in the split's (deterministic) order.
+
+  Returns:
+    `inputs` int32 [n, inputs_length], each categorical feature int32 [n] or
+    [n, K], `targets` float32 [n]; the same examples `levi_jax.data.tasks`
+    yields through seqio. Arrays are read-only (they are cached).
+  """
+  if inputs_length < 2:
+    raise ValueError(f"inputs_length must be >= 2 (text plus EOS), got {inputs_length}")
+  task = prepare(name, data_dir, max_bad_fraction)
+  model = vocabulary_path(name, task.data_dir, vocab_path, max_bad_fraction)
+  return _split_arrays(task, split, inputs_length, model)
+
+
+@functools.lru_cache(maxsize=32)
+def _split_arrays(task: PreparedTask, split: str, inputs_length: int,
+                  model: str) -> dict[str, np.ndarray]:
+  src = task.source_arrays(split)
+  out = {"inputs": tokenize(src.pop("inputs"), model, inputs_length), **src}
+  for v in out.values():
+    v.flags.writeable = False
+  return out

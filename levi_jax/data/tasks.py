@@ -1,0 +1,163 @@
+"""seqio Tasks for every dataset x shift, with a feature converter for rating models.
+
+Importing this module registers one Task per dataset and shift, named
+`<dataset>.<shift>` (`python -m levi_jax.data.inspect --list`), each with the
+splits `train`, `validation`, `id_test` and `ood_test` (`pretrain_corpus.all`
+has no `ood_test`). The data dir is read when a dataset is created, not at
+registration: from `register_tasks(data_dir=...)` if given, else from
+`LEVI_DATA_DIR`, else the embedded synthetic world (`levi_jax.data.paths`).
+`register_tasks` may be called again, e.g. with another data dir: it replaces
+the Tasks it registered before, so registration is idempotent.
+
+    import seqio
+    from levi_jax.data import tasks
+    tasks.register_tasks(data_dir="/data/movielens")   # optional
+    ds = seqio.get_dataset("movielens_1m.gender_m_to_f", {"inputs": 64},
+                           tasks.RatingFeatureConverter(), dataset_split="train",
+                           shard_info=seqio.ShardInfo(jax.process_index(), jax.process_count()))
+
+The pipeline: the source yields text, categorical ids and the rating for each
+rating of the split, in the split's order (a seeded permutation when shuffled);
+`seqio.preprocessors.tokenize` and `append_eos_after_trim` tokenize `inputs`;
+`RatingFeatureConverter` pads `inputs` and passes the rest through. The
+examples equal `levi_jax.data.pipeline.load_split_arrays`'s.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from levi_jax.data import datasets, pipeline
+
+_REGISTERED: set[str] = set()
+
+
+class DataSentencePieceVocabulary(seqio.SentencePieceVocabulary):
+  """A SentencePieceVocabulary whose model file is resolved on first use.
+
+  A task's vocabulary may be trained from its data (`levi_jax.data.spm`), which
+  is only known once the data dir is read; this defers that to first use.
+  """
+
+  def __init__(self, task: str, data_dir: str | None, vocab_path: str | None,
+               max_bad_fraction: float):
+    self._resolve = functools.partial(pipeline.vocabulary_path, task, data_dir, vocab_path,
+                                      max_bad_fraction)
+    super().__init__(sentencepiece_model_file="")
+
+  def _model_context(self):
+    if not self._sentencepiece_model_file:
+      self._sentencepiece_model_file = self._resolve()
+    return super()._model_context()
+
+  @property
+  def sentencepiece_model_file(self) -> str:
+    self._model_context()
+    return self._sentencepiece_model_file
+
+
+def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, task: str,
+                data_dir: str | None, max_bad_fraction: float) -> tf.data.Dataset:
+  """The source of Task `task`: one element per rating of `split`."""
+  prepared = pipeline.prepare(task, data_dir, max_bad_fraction)
+  arrays = prepared.source_arrays(split)
+  if shuffle_files:
+    order = np.random.default_rng(0 if seed is None else seed).permutation(len(arrays["targets"]))
+    arrays = {k: [v[i] for i in order] if isinstance(v, list) else v[order]
+              for k, v in arrays.items()}
+  texts = arrays.pop("inputs")
+  tensors = {"inputs": tf.constant(texts, dtype=tf.string, shape=[len(texts)])}
+  for k, v in arrays.items():
+    tensors[k] = tf.constant(v)
+  return tf.data.Dataset.from_tensor_slices(tensors)
+
+
+def register_tasks(data_dir: str | None = None, vocab_path: str | None = None,
+                   max_bad_fraction: float = datasets.DEFAULT_MAX_BAD_FRACTION) -> list[str]:
+  """Registers (or re-registers) every dataset x shift Task; returns their names.
+
+  Args:
+    data_dir: where the data is (see `levi_jax.data.paths`); None: resolved when
+      a dataset is created, from `LEVI_DATA_DIR` or the embedded synthetic world.
+    vocab_path: SentencePiece model for `inputs` (None: see `levi_jax.data.spm`).
+    max_bad_fraction: malformed-row tolerance per file.
+  """
+  names = pipeline.task_names()
+  for name in names:
+    _, shift = pipeline.lookup_task(name)
+    if name in _REGISTERED or name in seqio.TaskRegistry.names():
+      seqio.TaskRegistry.remove(name)
+    vocab = DataSentencePieceVocabulary(name, data_dir, vocab_path, max_bad_fraction)
+    seqio.TaskRegistry.add(
+        name,
+        source=seqio.FunctionDataSource(
+            functools.partial(_dataset_fn, task=name, data_dir=data_dir,
+                              max_bad_fraction=max_bad_fraction),
+            splits=shift.splits, caching_permitted=False),
+        output_features={
+            "inputs": seqio.Feature(vocab, add_eos=True),
+            "targets": seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False,
+                                     dtype=tf.float32, rank=0)},
+        preprocessors=[functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
+                       seqio.preprocessors.append_eos_after_trim])
+    _REGISTERED.add(name)
+  return names
+
+
+class RatingFeatureConverter(seqio.FeatureConverter):
+  """Pads/truncates `inputs` to its length; passes `targets` and categorical ids through.
+
+  Only `inputs` needs a length (`task_feature_lengths={"inputs": L}`); every
+  other feature of the task is passed through with its own rank and dtype.
+  No packing.
+  """
+
+  TASK_FEATURES = {"inputs": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+                   "targets": seqio.FeatureConverter.FeatureSpec(dtype=tf.float32, rank=0)}
+  MODEL_FEATURES = TASK_FEATURES
+  PACKING_FEATURE_DTYPES = {}
+
+  def __init__(self, **kwargs):
+    kwargs["pack"] = False
+    super().__init__(**kwargs)
+
+  def __call__(self, ds: tf.data.Dataset,
+               task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+    passthrough = {k: seqio.FeatureConverter.FeatureSpec(dtype=s.dtype, rank=s.shape.rank)
+                   for k, s in ds.element_spec.items() if k not in self.TASK_FEATURES}
+    self._passthrough_features = passthrough
+    lengths = {"targets": 1, **task_feature_lengths}
+    for k, s in ds.element_spec.items():
+      if k in passthrough:
+        lengths[k] = int(s.shape[0]) if s.shape.rank else 1
+    return super().__call__(ds, lengths)
+
+  def _convert_features(self, ds: tf.data.Dataset,
+                        task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+    return seqio.utils.trim_and_pad_dataset(ds, {"inputs": task_feature_lengths["inputs"]})
+
+  def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> Mapping[str, int]:
+    return dict(task_feature_lengths)
+
+
+def get_dataset(task: str, split: str, inputs_length: int = pipeline.DEFAULT_INPUTS_LENGTH,
+                batch_size: int | None = None, shuffle: bool = False, seed: int | None = None,
+                shard_info: seqio.ShardInfo | None = None, num_epochs: int | None = 1
+                ) -> tf.data.Dataset:
+  """`seqio.get_dataset` for a registered task with `RatingFeatureConverter`.
+
+  Raises:
+    UnknownTaskError: if `task` is not one of ours (listing close matches).
+  """
+  pipeline.lookup_task(task)
+  return seqio.get_dataset(task, {"inputs": inputs_length}, RatingFeatureConverter(),
+                           dataset_split=split, shuffle=shuffle, seed=seed, shard_info=shard_info,
+                           num_epochs=num_epochs, batch_size=batch_size)
+
+
+register_tasks()
