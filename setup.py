@@ -32,6 +32,7 @@ setup(
             "sentencepiece>=0.2.0",
             "importlib_resources>=6.0",  # TFDS needs it to prepare (download) datasets.
             "clu>=0.0.12",
+            "tensorboard>=2.20",
             "matplotlib>=3.9",
         ],
         "test": [
@@ -43,6 +44,7 @@ setup(
             "sentencepiece>=0.2.0",
             "importlib_resources>=6.0",  # TFDS needs it to prepare (download) datasets.
             "clu>=0.0.12",
+            "tensorboard>=2.20",
             "matplotlib>=3.9",
         ],
     },

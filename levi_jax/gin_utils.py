@@ -1,0 +1,88 @@
+"""T5X-style gin command lines: `--gin_file=F ... --gin.NAME=VALUE ...`.
+
+The core library is plain Python; gin binds the top-level `train(...)` and
+the config dataclasses passed to it, with dynamic registration (gin files
+`import levi_jax.trainer`), so no module registers anything at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import gin
+from absl import flags
+
+GIN_SEARCH_PATHS = (os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                 "gin"),)
+
+
+def define_flags():
+  flags.DEFINE_multi_string("gin_file", [], "Gin config files (searched in ./ and gin/).")
+  flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, also as --gin.NAME=VALUE.")
+  flags.DEFINE_multi_string("gin_search_paths", list(GIN_SEARCH_PATHS),
+                            "Folders searched for --gin_file and gin includes.")
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+  """Turns `--gin.NAME=VALUE` into `--gin_bindings=NAME=VALUE` (as T5X does)."""
+  out = []
+  for arg in argv:
+    if arg.startswith("--gin."):
+      name, sep, value = arg[len("--gin."):].partition("=")
+      if not sep:
+        raise ValueError(f"gin flag {arg!r} has no value; write --gin.{name}=VALUE")
+      out.append(f"--gin_bindings={name}={value}")
+    else:
+      out.append(arg)
+  return out
+
+
+def parse(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]):
+  """Parses gin files and bindings; errors name the offending file or binding."""
+  for p in search_paths:
+    gin.add_config_file_search_path(p)
+  if not files:
+    raise ValueError("no --gin_file given; e.g. --gin_file=runs/train.gin")
+  for f in files:
+    try:
+      gin.parse_config_file(f)
+    except IOError as e:
+      raise FileNotFoundError(f"gin file {f!r} not found (searched ./ and "
+                              f"{', '.join(search_paths)})") from e
+  for b in bindings:
+    try:
+      gin.parse_config(b)
+    except Exception as e:
+      raise ValueError(f"bad gin binding {b!r}: {e}") from e
+  gin.finalize()
+
+
+def call(fn: Callable, **kwargs):
+  """Calls the gin-configured version of `fn`; names missing required bindings."""
+  try:
+    return gin.get_configurable(fn)(**kwargs)
+  except RuntimeError as e:
+    if "Required bindings" in str(e):
+      raise ValueError(f"missing required gin binding: {e}") from None
+    raise
+
+
+def model_dir() -> str:
+  """The MODEL_DIR macro every run config defines."""
+  try:
+    value = gin.query_parameter("%MODEL_DIR")
+  except ValueError:
+    raise ValueError("the gin config defines no MODEL_DIR macro; include runs/train.gin "
+                     "or bind --gin.MODEL_DIR=\"'/path'\"") from None
+  if not isinstance(value, str) or not value:
+    raise ValueError(f"MODEL_DIR must be a non-empty string, got {value!r}; bind it with "
+                     "--gin.MODEL_DIR=\"'/path/to/dir'\"")
+  return value
+
+
+def write_operative_config(model_dir: str, name: str = "config.gin", operative: bool = False):
+  """Writes the gin config into MODEL_DIR (all bindings, or only the ones used)."""
+  os.makedirs(model_dir, exist_ok=True)
+  with open(os.path.join(model_dir, name), "w") as f:
+    f.write(gin.operative_config_str() if operative else gin.config_str())

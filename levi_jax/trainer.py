@@ -1,0 +1,571 @@
+"""The trainer: one function, top to bottom (gin binds it at the edge).
+
+`train(...)` builds the mesh, loads the task's splits, builds the method,
+creates (or resumes) sharded state, runs each training stage with periodic
+evaluation on the validation, ID-test and OOD splits, checkpoints, and writes
+`results.json`. Resume order: the latest checkpoint in MODEL_DIR, else the
+initial checkpoint for the backbone, else a fresh init.
+
+Batches are a pure function of (seed, step): an epoch's order is a seeded
+permutation, so a restarted run sees exactly the batches an uninterrupted one
+would have, and the per-step dropout key is `fold_in(rng, step)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from levi_jax import checkpointing, methods, partitioning, step as step_lib
+from levi_jax.checkpointing import CheckpointConfig
+from levi_jax.models import lora as lora_lib
+from levi_jax.models import t5_encoder
+from levi_jax.models.task_net import CategoricalFeature, FeatureTower, TokenTower, validate_features
+from levi_jax.optim import OptimizerConfig, make_optimizer
+from levi_jax.partitioning import MeshConfig
+from levi_jax.step import LossConfig, TrainState
+
+Arrays = dict[str, np.ndarray]
+log = logging.getLogger("levi_jax")
+
+
+# ------------------------------------------------------------------------------
+# Configuration.
+# ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Which method, backbone and small model to build (see `methods.make_method`).
+
+  Attributes:
+    method: one of `methods.METHODS`.
+    backbone: a T5 preset name (`t5_encoder.PRESETS`).
+    backbone_overrides: T5Config fields to change, e.g. {"num_layers": 4}.
+      `vocab_size` defaults to the data's vocabulary size when the preset's
+      is smaller or no initial checkpoint fixes it.
+    dtype: activation dtype ("float32", "bfloat16").
+    task_net: "features" (FeatureTower over categorical features) or
+      "tokens" (TokenTower over the input text).
+    feature_embed_dim, task_hidden: FeatureTower sizes.
+    token_layers, token_embed_dim: TokenTower sizes.
+    taps, pooling, adapter_dim, fusion_hidden, aux_heads: LEVI settings.
+    lora_rank, lora_alpha: LoRA settings (lora, levi_lora).
+    ensemble_member, lp_fraction, wise_alphas: baseline settings.
+  """
+
+  method: str = "levi"
+  backbone: str = "t5_1_1_tiny"
+  backbone_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  dtype: str = "float32"
+  task_net: str = "features"
+  feature_embed_dim: int = 16
+  task_hidden: tuple[int, ...] = (64, 64)
+  token_layers: int = 0
+  token_embed_dim: int = 64
+  taps: tuple[int | str, ...] = ("middle", -1)
+  pooling: str = "mean"
+  adapter_dim: int | None = 64
+  fusion_hidden: tuple[int, ...] = (64,)
+  aux_heads: bool = False
+  lora_rank: int = 8
+  lora_alpha: float = 16.0
+  ensemble_member: str = "lp"
+  lp_fraction: float = 0.5
+  wise_alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
+
+  def __post_init__(self):
+    if self.method not in methods.METHODS:
+      methods.make_method(self.method)  # raises with close matches
+    if self.backbone not in t5_encoder.PRESETS:
+      raise ValueError(f"ModelConfig.backbone: unknown preset {self.backbone!r}; "
+                       f"expected one of {sorted(t5_encoder.PRESETS)}")
+    if self.task_net not in ("features", "tokens"):
+      raise ValueError(f"ModelConfig.task_net must be 'features' or 'tokens', "
+                       f"got {self.task_net!r}")
+    object.__setattr__(self, "backbone_overrides", dict(self.backbone_overrides))
+    for k in ("taps", "task_hidden", "fusion_hidden", "wise_alphas"):
+      object.__setattr__(self, k, tuple(getattr(self, k)))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the examples come from and how they are batched.
+
+  Attributes:
+    task: a registered task name (`python -m levi_jax.data.inspect --list`).
+    data_dir: folder of the raw files (or the synthetic world).
+    batch_size: global training batch size (split over processes).
+    eval_batch_size: global evaluation batch size (padded, masked).
+    seq_length: `inputs` length in tokens.
+    validation_fraction: share of the training population held out for
+      validation (checkpoint selection); never an ID/OOD test example.
+    seed: seed of the validation split and of the batch order.
+  """
+
+  task: str = "synthetic_ml_user_gender"
+  data_dir: str = ""
+  batch_size: int = 64
+  eval_batch_size: int = 256
+  seq_length: int = 64
+  validation_fraction: float = 0.1
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.batch_size < 1 or self.eval_batch_size < 1 or self.seq_length < 1:
+      raise ValueError(f"DataConfig: sizes must be positive, got {self}")
+    if not 0.0 <= self.validation_fraction < 1.0:
+      raise ValueError(f"DataConfig.validation_fraction must be in [0, 1), "
+                       f"got {self.validation_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """Training length and cadence.
+
+  Attributes:
+    num_steps: training steps of this fine-tuning run (relative: counted from
+      the start of fine-tuning, not from the backbone's pre-training step).
+    log_every: fetch and log training metrics every this many steps (also
+      where NaN/inf losses are caught).
+    eval_every: evaluate every this many steps (and at the end); 0: end only.
+    seed: parameter-init and dropout seed.
+  """
+
+  num_steps: int = 1000
+  log_every: int = 50
+  eval_every: int = 0
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.num_steps < 1 or self.log_every < 1 or self.eval_every < 0:
+      raise ValueError(f"LoopConfig: num_steps and log_every must be >= 1, got {self}")
+
+
+@dataclasses.dataclass
+class TaskData:
+  """A task's splits as in-memory numpy arrays (feature name -> array).
+
+  Attributes:
+    train: the training population (validation is carved out of it).
+    evals: evaluation splits, e.g. {"id_test": ..., "ood_test": ...}.
+    features: the categorical features the small model embeds.
+    vocab_size: size of the `inputs` token vocabulary.
+  """
+
+  train: Arrays
+  evals: dict[str, Arrays]
+  features: tuple[CategoricalFeature, ...]
+  vocab_size: int
+
+
+# ------------------------------------------------------------------------------
+# Pieces (pure, tested on their own).
+# ------------------------------------------------------------------------------
+def split_validation(arrays: Arrays, fraction: float, seed: int) -> tuple[Arrays, Arrays]:
+  """Deterministically holds out `fraction` of the rows as validation."""
+  n = len(next(iter(arrays.values())))
+  order = np.random.default_rng([seed, 7]).permutation(n)
+  k = int(round(n * fraction))
+  pick = lambda idx: {key: v[np.sort(idx)] for key, v in arrays.items()}
+  return pick(order[k:]), pick(order[:k])
+
+
+def batch_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
+  """Row indices of the global batch at `step`: epochs of seeded permutations."""
+  start = step * batch_size
+  idx = []
+  while len(idx) < batch_size:
+    epoch, offset = divmod(start + len(idx), n)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    idx.extend(perm[offset: offset + batch_size - len(idx)])
+  return np.asarray(idx)
+
+
+def local_rows(global_size: int) -> slice:
+  """This process's slice of a global batch."""
+  count, index = jax.process_count(), jax.process_index()
+  if global_size % count:
+    raise ValueError(f"global batch size {global_size} is not divisible by the "
+                     f"{count} processes")
+  per = global_size // count
+  return slice(index * per, (index + 1) * per)
+
+
+def eval_batches(arrays: Arrays, batch_size: int):
+  """Fixed-size batches covering every row once, padded with weight-0 rows."""
+  n = len(arrays["targets"])
+  for start in range(0, max(n, 1), batch_size):
+    idx = np.arange(start, start + batch_size)
+    real = idx < n
+    idx = np.where(real, idx, 0)
+    batch = {k: v[idx] for k, v in arrays.items()}
+    batch["weights"] = real.astype(np.float32)
+    yield batch
+
+
+def build_method(cfg: ModelConfig, data: TaskData, num_outputs: int = 1,
+                 vocab_size: int | None = None) -> methods.Method:
+  """The method for `cfg`, sized to the data's features and vocabulary."""
+  overrides = dict(cfg.backbone_overrides)
+  overrides.setdefault("vocab_size", vocab_size or data.vocab_size)
+  backbone_cfg = t5_encoder.preset(cfg.backbone, dtype=cfg.dtype, **overrides)
+  if backbone_cfg.vocab_size < data.vocab_size:
+    raise ValueError(f"backbone vocab_size {backbone_cfg.vocab_size} is smaller than the "
+                     f"data's token vocabulary ({data.vocab_size})")
+  if cfg.task_net == "features":
+    task_net = FeatureTower(data.features, embed_dim=cfg.feature_embed_dim,
+                            hidden=cfg.task_hidden, dtype=cfg.dtype)
+  else:
+    task_net = TokenTower(data.vocab_size, embed_dim=cfg.token_embed_dim,
+                          num_layers=cfg.token_layers, out_dim=cfg.task_hidden[-1],
+                          dtype=cfg.dtype)
+  return methods.make_method(
+      cfg.method, backbone=t5_encoder.T5Encoder(backbone_cfg), task_net=task_net,
+      taps=cfg.taps, pooling=cfg.pooling, adapter_dim=cfg.adapter_dim,
+      fusion_hidden=cfg.fusion_hidden, num_outputs=num_outputs, aux_heads=cfg.aux_heads,
+      lora=lora_lib.LoraConfig(cfg.lora_rank, cfg.lora_alpha),
+      ensemble_member=cfg.ensemble_member, lp_fraction=cfg.lp_fraction,
+      wise_alphas=cfg.wise_alphas, dtype=cfg.dtype)
+
+
+def stage_bounds(method: methods.Method, num_steps: int) -> list[tuple[int, int]]:
+  """[start, end) global steps of each stage."""
+  bounds, start = [], 0
+  for i, s in enumerate(method.stages):
+    end = num_steps if i == len(method.stages) - 1 else start + max(
+        1, int(round(s.fraction * num_steps)))
+    bounds.append((start, end))
+    start = end
+  return bounds
+
+
+def count_params(tree: Any) -> int:
+  return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
+
+
+def _finite_or_raise(metrics: Mapping[str, Any], step: int, last_ok: int, model_dir: str):
+  loss = float(metrics["loss"])
+  if not math.isfinite(loss) or not math.isfinite(float(metrics["grad_norm"])):
+    raise FloatingPointError(
+        f"non-finite training loss ({loss}) at step {step} (the previous check passed at "
+        f"step {last_ok}); stopping without saving. The last good checkpoint in "
+        f"{model_dir} is kept: lower the learning rate or check the data, then resume.")
+
+
+class _MetricLog:
+  """metrics.jsonl (every process writes nothing but process 0) + TensorBoard."""
+
+  def __init__(self, model_dir: str):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(model_dir, "metrics.jsonl")
+    self.writer = None
+    if self.enabled:
+      try:
+        from clu import metric_writers  # TensorFlow-backed; optional on accelerators
+        self.writer = metric_writers.create_default_writer(
+            os.path.join(model_dir, "tb"), asynchronous=False)
+      except ImportError:
+        log.warning("clu is not installed: TensorBoard summaries are off")
+
+  def write(self, step: int, values: Mapping[str, float]):
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": step, **values}) + "\n")
+    if self.writer is not None:
+      self.writer.write_scalars(step, dict(values))
+      self.writer.flush()
+
+
+class _Progress:
+  """A tqdm bar on terminals, plain log lines otherwise."""
+
+  def __init__(self, total: int, initial: int, batch_size: int, log_every: int):
+    self.bar = None
+    self.batch_size, self.log_every, self.total = batch_size, log_every, total
+    self.t0, self.s0 = time.time(), initial
+    if sys.stderr.isatty() and jax.process_index() == 0:
+      from tqdm import tqdm
+      self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+  def update(self, step: int, loss: float | None):
+    rate = (step - self.s0) / max(time.time() - self.t0, 1e-9)
+    if self.bar is not None:
+      self.bar.n = step
+      self.bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "?",
+                           ex_s=f"{rate * self.batch_size:.0f}", refresh=False)
+      self.bar.refresh()
+    elif loss is not None and jax.process_index() == 0:
+      eta = (self.total - step) / max(rate, 1e-9)
+      log.info("step %d/%d loss %.4f %.0f examples/s ETA %.0fs", step, self.total, loss,
+               rate * self.batch_size, eta)
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+
+
+# ------------------------------------------------------------------------------
+# The trainer.
+# ------------------------------------------------------------------------------
+def train(
+    model_dir: str,
+    model: ModelConfig = ModelConfig(),
+    data: DataConfig = DataConfig(),
+    optimizer: OptimizerConfig = OptimizerConfig(),
+    loss: LossConfig = LossConfig(),
+    loop: LoopConfig = LoopConfig(),
+    checkpoint: CheckpointConfig = CheckpointConfig(),
+    mesh: MeshConfig = MeshConfig(),
+    initial_checkpoint_path: str | None = None,
+    task_data: TaskData | None = None,
+    eval_only: bool = False,
+    restore_step: int | None = None,
+) -> dict[str, Any]:
+  """Trains (or resumes) one method on one task; returns the results dict.
+
+  Args:
+    model_dir: where checkpoints, metrics.jsonl, TensorBoard events and
+      results.json go.
+    model, data, optimizer, loss, loop, checkpoint, mesh: configs.
+    initial_checkpoint_path: pretrained backbone weights (a directory written
+      by `checkpointing.save_tree`); restores only the backbone subtree.
+    task_data: in-memory splits; default: loaded from `data.task`.
+    eval_only: restore a checkpoint of MODEL_DIR (the latest, or
+      `restore_step`), evaluate it and write `eval_results.json`; no training.
+    restore_step: with eval_only, which checkpoint step to evaluate.
+  """
+  t_start = time.time()
+  os.makedirs(model_dir, exist_ok=True)
+  # --- Mesh -------------------------------------------------------------------
+  device_mesh = partitioning.make_mesh(mesh)
+  rules = partitioning.rules_for(mesh)
+  replicated = jax.sharding.NamedSharding(device_mesh, jax.sharding.PartitionSpec())
+
+  # --- Data -------------------------------------------------------------------
+  if task_data is None:
+    task_data = load_task_data(data)
+  train_rows, val_rows = split_validation(task_data.train, data.validation_fraction, data.seed)
+  n_train = len(train_rows["targets"])
+  if n_train == 0:
+    raise ValueError(f"task {data.task!r} has no training examples")
+  evals = {"validation": val_rows, **task_data.evals} if len(val_rows["targets"]) else dict(
+      task_data.evals)
+  rows = local_rows(data.batch_size)
+
+  def train_batch(step: int) -> dict[str, np.ndarray]:
+    idx = batch_indices(n_train, step, data.batch_size, data.seed)[rows]
+    return {k: v[idx] for k, v in train_rows.items()}
+
+  example = train_batch(0)
+  validate_features(example, task_data.features)
+
+  # --- Model ------------------------------------------------------------------
+  num_outputs = 1 if loss.task == "regression" else int(task_data.train["targets"].max()) + 1
+  method = build_method(model, task_data, num_outputs)
+  fingerprint = checkpointing.config_fingerprint(
+      {"model": dataclasses.asdict(model), "features": [dataclasses.asdict(f) for f in
+                                                        task_data.features],
+       "vocab": task_data.vocab_size, "num_outputs": num_outputs})
+  rng = jax.random.PRNGKey(loop.seed)
+  init_rng, dropout_rng = jax.random.split(rng)
+  bounds = stage_bounds(method, loop.num_steps)
+  frozen_source = (f"initial checkpoint {initial_checkpoint_path}" if initial_checkpoint_path
+                   else f"a fresh init with seed {loop.seed}")
+
+  def init_params():
+    return method.init(init_rng, example)
+
+  def load_initial(params):
+    if not initial_checkpoint_path:
+      return params
+    from levi_jax import pretrained
+    return pretrained.load_backbone(initial_checkpoint_path, params)
+
+  # --- Checkpoints and resume ---------------------------------------------------
+  ckpt = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoints"), checkpoint)
+  latest = ckpt.latest_step()
+  if eval_only:
+    if latest is None:
+      raise FileNotFoundError(f"no checkpoint to evaluate in {model_dir}/checkpoints")
+    if restore_step is not None:
+      if restore_step not in ckpt.all_steps():
+        raise FileNotFoundError(f"no checkpoint at step {restore_step} in {model_dir}; "
+                                f"it has steps {ckpt.all_steps()}")
+      latest = restore_step
+  start_step, meta = 0, None
+  if latest is not None:
+    meta = ckpt.read_meta(latest)
+    if meta["fingerprint"] != fingerprint:
+      raise ValueError(
+          f"MODEL_DIR {model_dir} holds a checkpoint (step {latest}) of a different model "
+          f"or data (fingerprint {meta['fingerprint']}, this run {fingerprint}; saved "
+          f"config: {meta['model']}). Use a new MODEL_DIR or the original config.")
+    start_step = int(meta["step"])
+    log.info("resuming from step %d in %s", start_step, model_dir)
+
+  def with_rules(fn):
+    """Traces `fn` with the logical-axis rules active (activation constraints)."""
+    def wrapped(*args):
+      with nn.logical_axis_rules(rules):
+        return fn(*args)
+    return wrapped
+
+  with jax.set_mesh(device_mesh):
+    params, param_shardings = partitioning.sharded_init(init_params, device_mesh, rules)
+    params = jax.device_put(load_initial(params), param_shardings)
+    batch_sharding = partitioning.batch_sharding(device_mesh)
+    eval_step = jax.jit(with_rules(step_lib.make_eval_step(method, loss)),
+                        in_shardings=(param_shardings, batch_sharding),
+                        out_shardings=replicated)
+    metric_log = _MetricLog(model_dir)
+
+    def evaluate(params_, prefix: str = "") -> dict[str, dict[str, float]]:
+      out = {}
+      for name, split in evals.items():
+        sums = None
+        for b in eval_batches(split, data.eval_batch_size):
+          part = eval_step(params_, partitioning.global_batch(
+              {k: v[local_rows(data.eval_batch_size)] for k, v in b.items()}, device_mesh))
+          sums = part if sums is None else jax.tree.map(jnp.add, sums, part)
+        out[prefix + name] = step_lib.finalize_metrics(jax.device_get(sums), loss.task)
+      return out
+
+    stage_params0 = None
+    results_evals: dict[str, Any] = {}
+    for stage_idx, (s_begin, s_end) in enumerate(bounds):
+      stage = method.stages[stage_idx]
+      resuming_here = meta is not None and meta["stage"] == stage_idx
+      if (s_end <= start_step or eval_only) and not resuming_here:
+        continue
+      opt = make_optimizer(optimizer, s_end - s_begin)
+
+      def init_state(stage=stage, opt=opt):
+        trainable, frozen = methods.partition(init_params(), stage.frozen)
+        return TrainState.create(trainable, frozen, opt)
+
+      abstract = jax.eval_shape(init_state)
+      state_shardings = nn.meta.unbox(partitioning.logical_to_sharding(
+          abstract, device_mesh, rules))
+      trainable, frozen = methods.partition(params, stage.frozen)
+      state = jax.jit(lambda t, f: TrainState.create(t, f, opt),
+                      out_shardings=state_shardings)(trainable, frozen)
+      # The step counter is global across stages; the schedule restarts per stage.
+      state = state.replace(step=jnp.asarray(s_begin, jnp.int32))
+      frozen_hash = checkpointing.tree_hash(state.frozen)
+      if resuming_here:
+        if not s_begin <= start_step <= s_end:
+          raise ValueError(f"checkpoint at step {start_step} is from stage {stage_idx}, "
+                           f"which now spans steps {s_begin}-{s_end}; the stage split "
+                           "changed (num_steps or lp_fraction)")
+        checkpointing.check_frozen(state.frozen, meta["frozen_hash"], frozen_source)
+        saved = ckpt.restore(latest, {"step": state.step, "params": state.params,
+                                      "opt_state": state.opt_state})
+        state = state.replace(**saved)
+      if method.wise_alphas and stage_idx == 1:
+        stage_params0 = checkpointing.restore_tree(
+            os.path.join(model_dir, "stage_0_params"),
+            jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                         params))
+
+      train_step = jax.jit(with_rules(step_lib.make_train_step(method, opt, loss)),
+                           in_shardings=(state_shardings, batch_sharding, replicated),
+                           out_shardings=(state_shardings, replicated), donate_argnums=0)
+      first = max(s_begin, start_step)
+      if eval_only:
+        s_end = first
+      progress = _Progress(loop.num_steps, first, data.batch_size, loop.log_every)
+      last_ok, last_loss = first, None
+      log.info("stage %s: steps %d-%d, %d trainable / %d params", stage.name, s_begin,
+               s_end, count_params(state.params), count_params(params))
+      for s in range(first, s_end):
+        state, metrics = train_step(
+            state, partitioning.global_batch(train_batch(s), device_mesh), dropout_rng)
+        done = s + 1
+        is_last = done == s_end
+        save_now = done % checkpoint.every_steps == 0 or is_last
+        eval_now = is_last or (loop.eval_every and done % loop.eval_every == 0)
+        if done % loop.log_every == 0 or save_now or eval_now:
+          metrics = jax.device_get(metrics)
+          _finite_or_raise(metrics, done, last_ok, model_dir)
+          last_ok, last_loss = done, float(metrics["loss"])
+          metric_log.write(done, {f"train/{k}": float(v) for k, v in metrics.items()})
+          progress.update(done, last_loss)
+        ckpt_metrics = None
+        if eval_now:
+          all_params = state.all_params()
+          results_evals = evaluate(all_params)
+          metric_log.write(done, {f"{split}/{k}": v for split, m in results_evals.items()
+                                  for k, v in m.items()})
+          if "validation" in results_evals and loss.task == "regression":
+            ckpt_metrics = {checkpointing.BEST_METRIC: results_evals["validation"]["rmse"]}
+        if save_now:
+          ckpt.save(done, {"step": state.step, "params": state.params,
+                           "opt_state": state.opt_state},
+                    {"step": done, "stage": stage_idx, "fingerprint": fingerprint,
+                     "frozen_hash": frozen_hash, "frozen_source": frozen_source,
+                     "model": dataclasses.asdict(model), "method": method.name},
+                    ckpt_metrics)
+      progress.close()
+      params = state.all_params()
+      if method.wise_alphas and stage_idx == 0 and not eval_only:
+        ckpt.wait()
+        checkpointing.save_tree(os.path.join(model_dir, "stage_0_params"), params)
+      start_step = max(start_step, s_end)
+      meta = None
+      final_frozen_hash = checkpointing.tree_hash(state.frozen)
+      if eval_only:
+        break
+    ckpt.close()
+
+    if not results_evals:  # nothing trained in this call: evaluate what was restored
+      results_evals = evaluate(params)
+    wise = {}
+    if method.wise_alphas and stage_params0 is not None:
+      for alpha in method.wise_alphas:
+        mixed = methods.wise_interpolate(stage_params0, params, alpha)
+        wise[f"{alpha:g}"] = evaluate(mixed)
+
+  wall = time.time() - t_start
+  trainable_now, _ = methods.partition(params, method.stages[-1].frozen)
+  results = {
+      "method": method.name,
+      "task": data.task,
+      "config_hash": fingerprint,
+      "params_trained": count_params(trainable_now),
+      "params_total": count_params(params),
+      "num_steps": loop.num_steps,
+      "wall_time_s": wall,
+      "examples_per_s": loop.num_steps * data.batch_size / max(wall, 1e-9),
+      "final_train_loss": last_loss,
+      "frozen_hash": final_frozen_hash,
+      "metrics": results_evals,
+  }
+  if wise:
+    results["wise_ft"] = wise
+  if jax.process_index() == 0:
+    name = "eval_results.json" if eval_only else "results.json"
+    with open(os.path.join(model_dir, name), "w") as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+def load_task_data(cfg: DataConfig) -> TaskData:
+  """Loads a registered task's splits into memory (see `levi_jax.data`)."""
+  from levi_jax import data as data_lib
+  return data_lib.load_task_data(cfg.task, data_dir=cfg.data_dir, seq_length=cfg.seq_length)
+
+
+def make_train_fn(**kwargs) -> Callable[..., dict]:
+  """`train` with some arguments fixed (used by experiment scripts)."""
+  return lambda **more: train(**{**kwargs, **more})

@@ -1,0 +1,206 @@
+"""Trainer tests on a tiny in-memory task: methods, freezing, resume, NaN guard."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from levi_jax import checkpointing, methods, partitioning, trainer
+from levi_jax.checkpointing import CheckpointConfig
+from levi_jax.optim import OptimizerConfig
+
+sys.path.insert(0, os.path.dirname(__file__))
+from trainer_fixtures import task_data  # noqa: E402
+
+SMALL = dict(adapter_dim=16, fusion_hidden=(16,), task_hidden=(16,))
+
+
+def run(model_dir, method="levi", steps=12, lr=3e-3, **kw):
+  kw.setdefault("checkpoint", CheckpointConfig(every_steps=steps, async_save=False))
+  kw.setdefault("task_data", task_data())
+  return trainer.train(
+      str(model_dir), model=trainer.ModelConfig(method=method, **SMALL),
+      data=trainer.DataConfig(batch_size=16, eval_batch_size=32),
+      optimizer=kw.pop("optimizer", OptimizerConfig(learning_rate=lr, schedule="constant")),
+      loop=kw.pop("loop", trainer.LoopConfig(num_steps=steps, log_every=4)), **kw)
+
+
+def logged(model_dir, key="train/loss"):
+  with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [(r["step"], r[key]) for r in rows if key in r]
+
+
+def test_batches_are_a_pure_function_of_step():
+  a = trainer.batch_indices(100, 7, 16, seed=3)
+  b = trainer.batch_indices(100, 7, 16, seed=3)
+  np.testing.assert_array_equal(a, b)
+  epoch = np.concatenate([trainer.batch_indices(100, s, 20, 3) for s in range(5)])
+  assert sorted(epoch) == list(range(100))  # one epoch sees every row once
+  assert not np.array_equal(trainer.batch_indices(100, 5, 20, 3)[:20], epoch[:20])
+
+
+def test_validation_split_is_disjoint_and_deterministic():
+  rows = task_data().train
+  rows = dict(rows, row_id=np.arange(len(rows["targets"])))
+  train, val = trainer.split_validation(rows, 0.25, seed=1)
+  assert len(val["row_id"]) == 64 and len(train["row_id"]) == 192
+  assert not set(train["row_id"]) & set(val["row_id"])
+  np.testing.assert_array_equal(trainer.split_validation(rows, 0.25, 1)[1]["row_id"],
+                                val["row_id"])
+
+
+def test_eval_batches_cover_each_row_once():
+  rows = {"targets": np.arange(70, dtype=np.float32)}
+  batches = list(trainer.eval_batches(rows, 32))
+  assert len(batches) == 3
+  w = np.concatenate([b["weights"] for b in batches])
+  t = np.concatenate([b["targets"] for b in batches])
+  assert w.sum() == 70 and sorted(t[w > 0]) == list(range(70))
+
+
+@pytest.mark.parametrize("method", methods.METHODS)
+def test_every_method_trains(tmp_path, method):
+  results = run(tmp_path, method, steps=16, lr=1e-2)
+  losses = [l for _, l in logged(tmp_path)]
+  assert losses[-1] < losses[0], losses
+  for split in ("validation", "id_test", "ood_test"):
+    assert np.isfinite(results["metrics"][split]["rmse"])
+  assert results["params_trained"] <= results["params_total"]
+  saved = json.load(open(tmp_path / "results.json"))
+  assert saved["method"] == method and saved["metrics"] == results["metrics"]
+  frozen_backbone = method in ("lp", "levi", "lora", "levi_lora", "ensemble")
+  assert (results["params_trained"] < results["params_total"]) == frozen_backbone
+
+
+@pytest.mark.parametrize("method", ["levi", "lp"])
+def test_frozen_backbone_is_bit_identical(tmp_path, method):
+  results = run(tmp_path, method)
+  m = trainer.build_method(trainer.ModelConfig(method=method, **SMALL), task_data())
+  first = {k: v[:16] for k, v in task_data().train.items()}
+  init_rng, _ = jax.random.split(jax.random.PRNGKey(0))
+  # The initial values, created the way the trainer creates them (jit, sharded).
+  params, _ = partitioning.sharded_init(lambda: m.init(init_rng, first),
+                                        partitioning.make_mesh(), partitioning.LOGICAL_RULES)
+  _, frozen = methods.partition(params, m.stages[0].frozen)
+  assert results["frozen_hash"] == checkpointing.tree_hash(frozen)
+  # Not written into the training checkpoint either.
+  step_dir = tmp_path / "checkpoints" / "12" / "state"
+  restored = ocp.StandardCheckpointer().restore(str(step_dir))
+  assert "backbone" not in restored["params"]
+
+
+def test_eval_of_checkpoint_reproduces_training_metrics(tmp_path):
+  results = run(tmp_path, "levi")
+  again = run(tmp_path, "levi", eval_only=True)
+  assert again["metrics"] == results["metrics"]
+  assert (tmp_path / "eval_results.json").exists()
+  with pytest.raises(FileNotFoundError, match="no checkpoint at step 5"):
+    run(tmp_path, "levi", eval_only=True, restore_step=5)
+
+
+def test_model_dir_with_another_model_fails_before_training(tmp_path):
+  run(tmp_path, "levi", steps=4)
+  with pytest.raises(ValueError, match=r"holds a checkpoint \(step 4\) of a different model"):
+    run(tmp_path, "ft", steps=4)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  with pytest.raises(FloatingPointError, match=r"non-finite training loss .* at step (\d+)"):
+    run(tmp_path, "scratch", steps=40,
+        optimizer=OptimizerConfig(name="sgd", learning_rate=1e12, clip_norm=None,
+                                  schedule="constant"),
+        loop=trainer.LoopConfig(num_steps=40, log_every=1),
+        checkpoint=CheckpointConfig(every_steps=1, async_save=False))
+  steps = checkpointing.Checkpointer(str(tmp_path / "checkpoints")).all_steps()
+  assert steps, "no good checkpoint was kept"
+  state = ocp.StandardCheckpointer().restore(str(tmp_path / "checkpoints" / str(max(steps))
+                                                 / "state"))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+
+
+def test_initial_checkpoint_shape_mismatch_is_listed(tmp_path):
+  other = trainer.build_method(trainer.ModelConfig(
+      method="lp", backbone_overrides={"emb_dim": 12}, **SMALL), task_data())
+  params = nn.meta.unbox(other.init(jax.random.PRNGKey(0),
+                                    {k: v[:4] for k, v in task_data().train.items()}))
+  checkpointing.save_tree(str(tmp_path / "pre"), params["backbone"])
+  with pytest.raises(ValueError, match=r"do not fit the model \(\d+ differences\)"
+                     r"[\s\S]*shape mismatch at token_embedder/embedding: model \(40, 8\), "):
+    run(tmp_path / "run", "levi", initial_checkpoint_path=str(tmp_path / "pre"))
+  assert not (tmp_path / "run" / "checkpoints" / "12").exists()
+
+
+def test_initial_checkpoint_restores_the_backbone(tmp_path):
+  src = trainer.build_method(trainer.ModelConfig(method="lp", **SMALL), task_data())
+  params = nn.meta.unbox(src.init(jax.random.PRNGKey(42),
+                                  {k: v[:4] for k, v in task_data().train.items()}))
+  checkpointing.save_tree(str(tmp_path / "pre"), params["backbone"])
+  results = run(tmp_path / "run", "levi", initial_checkpoint_path=str(tmp_path / "pre"))
+  assert results["frozen_hash"] == checkpointing.tree_hash({"backbone": params["backbone"]})
+
+
+def test_lpft_and_wiseft_two_stages(tmp_path):
+  model = trainer.ModelConfig(method="wiseft", wise_alphas=(0.0, 1.0), **SMALL)
+  results = trainer.train(str(tmp_path), model=model,
+                          data=trainer.DataConfig(batch_size=16, eval_batch_size=32),
+                          optimizer=OptimizerConfig(learning_rate=3e-3),
+                          loop=trainer.LoopConfig(num_steps=12, log_every=2),
+                          checkpoint=CheckpointConfig(every_steps=3, async_save=False),
+                          task_data=task_data())
+  # alpha=1 is the final (FT) model; alpha=0 the model at the end of the LP stage.
+  assert results["wise_ft"]["1"] == results["metrics"]
+  lp_end = [r for s, r in logged(tmp_path, "ood_test/rmse") if s == 6]
+  assert lp_end and results["wise_ft"]["0"]["ood_test"]["rmse"] == pytest.approx(lp_end[0])
+  assert results["wise_ft"]["0"]["ood_test"] != results["metrics"]["ood_test"]
+
+
+WORKER = os.path.join(os.path.dirname(__file__), "train_worker.py")
+
+
+def _worker(model_dir, delay, timeout=240):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", LEVI_STEP_DELAY=str(delay))
+  return subprocess.Popen([sys.executable, WORKER, str(model_dir)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
+  """A run killed (SIGKILL) mid-training and restarted ends where a clean run ends."""
+  clean = _worker(tmp_path / "clean", 0.0)
+  killed = _worker(tmp_path / "killed", 0.25)
+  try:
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+      done = [int(p.name) for p in ckpts.glob("*") if p.name.isdigit()] if ckpts.exists() else []
+      if done and max(done) >= 10:
+        break
+      assert killed.poll() is None, killed.stdout.read().decode()[-3000:]
+      time.sleep(0.1)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(30)
+    assert not (tmp_path / "killed" / "results.json").exists(), "run finished before the kill"
+    assert clean.wait(240) == 0, clean.stdout.read().decode()[-3000:]
+    resumed = _worker(tmp_path / "killed", 0.0)
+    assert resumed.wait(240) == 0, resumed.stdout.read().decode()[-3000:]
+  finally:
+    for p in (clean, killed):
+      if p.poll() is None:
+        p.kill()
+  a = json.load(open(tmp_path / "clean" / "results.json"))
+  b = json.load(open(tmp_path / "killed" / "results.json"))
+  for split in a["metrics"]:
+    for k, v in a["metrics"][split].items():
+      assert b["metrics"][split][k] == pytest.approx(v, abs=1e-6), (split, k)
+  pa = ocp.StandardCheckpointer().restore(str(tmp_path / "clean/checkpoints/30/state"))
+  pb = ocp.StandardCheckpointer().restore(str(tmp_path / "killed/checkpoints/30/state"))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), pa, pb)
