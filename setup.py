@@ -18,6 +18,8 @@ setup(
         "flax>=0.12.8",
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
+        "tensorstore>=0.1.86",
+        "msgpack>=1.0",
         "numpy>=2.0",
         "gin-config>=0.5.0",
         "absl-py>=2.1",

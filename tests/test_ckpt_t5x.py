@@ -18,6 +18,7 @@ import tensorstore
 
 from levi_jax.checkpoints import (CheckpointMismatchError, abstract_params, flatten,
                                   load_t5x, read_t5x, save_t5x)
+from levi_jax.checkpoints import msgpack_stream
 from levi_jax.checkpoints import t5x as t5x_lib
 from levi_jax.models.t5_encoder import T5Encoder, preset
 
@@ -91,8 +92,8 @@ def test_finds_steps_and_formats():
 def test_legacy_restore_never_touches_decoder_or_optimizer(name, tmp_path, spy_opens,
                                                            monkeypatch):
   decoded = []
-  real_hook = t5x_lib._ext_hook
-  monkeypatch.setattr(t5x_lib, "_ext_hook",
+  real_hook = msgpack_stream._ext_hook
+  monkeypatch.setattr(msgpack_stream, "_ext_hook",
                       lambda code, data: decoded.append(code) or real_hook(code, data))
   src = os.path.join(DATA, name)
   dst = tmp_path / name

@@ -37,18 +37,16 @@ import msgpack
 import numpy as np
 import tensorstore as ts
 
+from levi_jax.checkpoints import msgpack_stream
 from levi_jax.checkpoints.common import (CheckpointMismatchError, Flat, flatten,
                                          merge_params, unflatten)
+from levi_jax.checkpoints.msgpack_stream import is_ts_spec
 
 # The subtrees of T5X's `target` that `T5Encoder` holds.
 ENCODER_PREFIXES = ("target/token_embedder/", "target/encoder/")
 _MSGPACK_FILE = "checkpoint"
 _ORBAX_METADATA = "_METADATA"
 _T5X_VERSION = 3
-# Flax's msgpack ext codes (flax/serialization.py).
-_EXT_NDARRAY, _EXT_COMPLEX, _EXT_NPSCALAR = 1, 2, 3
-# flax splits arrays over 2**30 bytes; msgpack must buffer one whole value.
-_MAX_BUFFER = 2**31 - 1
 
 
 def find_checkpoint(path: str, step: int | None = None) -> tuple[str, str]:
@@ -110,91 +108,6 @@ def read_t5x(path: str, step: int | None = None,
   return _read_legacy(where, prefixes)
 
 
-def _wanted(name: str, prefixes: Sequence[str]) -> bool:
-  return any(name.startswith(p) or name + "/" == p for p in prefixes)
-
-
-def _within(name: str, prefixes: Sequence[str]) -> bool:
-  """Whether a wanted name may lie below the subtree `name`."""
-  return any(p.startswith(name + "/") or name.startswith(p) for p in prefixes)
-
-
-def _ext_hook(code: int, data: bytes) -> Any:
-  """Decodes flax's msgpack extension types (arrays and scalars)."""
-  if code in (_EXT_NDARRAY, _EXT_NPSCALAR):
-    shape, dtype, buf = msgpack.unpackb(data, raw=True)
-    arr = np.frombuffer(buf, dtype=jnp.dtype(dtype.decode())).reshape(shape)
-    return arr if code == _EXT_NDARRAY else arr[()]
-  if code == _EXT_COMPLEX:
-    re_, im = msgpack.unpackb(data)
-    return complex(re_, im)
-  return msgpack.ExtType(code, data)
-
-
-def _is_ts_spec(node: Any) -> bool:
-  return isinstance(node, dict) and {"driver", "kvstore"} <= node.keys()
-
-
-def _unchunk(node: dict) -> np.ndarray:
-  """Reassembles an array that flax split into chunks (over 2**30 bytes)."""
-  shape = tuple(node["shape"][str(i)] for i in range(len(node["shape"])))
-  chunks = [node["chunks"][str(i)] for i in range(len(node["chunks"]))]
-  return np.concatenate(chunks).reshape(shape)
-
-
-def _read_msgpack(file: str, prefixes: Sequence[str]) -> tuple[Flat, list[str]]:
-  """Streams the msgpack file: decodes values under `prefixes`, skips the rest.
-
-  Returns:
-    `({name: array or tensorstore spec dict}, all leaf names)`.
-  """
-
-  def visit(unpacker, name: str):
-    """The value at `name`: a dict for maps, None where skipped."""
-    try:
-      n = unpacker.read_map_header()
-    except msgpack.UnpackValueError:
-      if _wanted(name, prefixes):
-        return unpacker.unpack()
-      unpacker.skip()
-      return None
-    node = {}
-    for _ in range(n):
-      key = unpacker.unpack()
-      key = key.decode() if isinstance(key, bytes) else str(key)
-      node[key] = visit(unpacker, f"{name}/{key}" if name else key)
-    return node
-
-  with open(file, "rb") as f:
-    unpacker = msgpack.Unpacker(f, raw=False, ext_hook=_ext_hook, strict_map_key=False,
-                                max_buffer_size=_MAX_BUFFER)
-    root = visit(unpacker, "")
-  leaves = _flatten_leaves(root)
-  wanted = {k: _unchunk(v) if _is_chunked(v) else v for k, v in leaves.items()
-            if v is not None and _wanted(k, prefixes)}
-  return wanted, list(leaves)
-
-
-def _is_chunked(node: Any) -> bool:
-  return isinstance(node, dict) and "__msgpack_chunked_array__" in node
-
-
-def _flatten_leaves(tree: dict) -> Flat:
-  """Like `flatten`, but tensorstore specs and chunked arrays are leaves."""
-  out: Flat = {}
-
-  def visit(prefix, node):
-    for k, v in node.items():
-      name = f"{prefix}/{k}" if prefix else k
-      if isinstance(v, dict) and not (_is_ts_spec(v) or _is_chunked(v)):
-        visit(name, v)
-      else:
-        out[name] = v
-
-  visit("", tree)
-  return out
-
-
 def _strip_optimizer(flat: Flat, names: list[str]) -> tuple[Flat, list[str]]:
   """Drops the top-level `optimizer/` of version >= 1 files (T5X's layout)."""
   if any(n.startswith("optimizer/") for n in names):
@@ -206,11 +119,12 @@ def _strip_optimizer(flat: Flat, names: list[str]) -> tuple[Flat, list[str]]:
 
 def _read_legacy(file: str, prefixes: Sequence[str]) -> tuple[Flat, list[str]]:
   """Reads a legacy T5X checkpoint's arrays under `prefixes`."""
-  wanted, names = _read_msgpack(file, ["optimizer/" + p for p in prefixes] + list(prefixes))
+  wanted, names = msgpack_stream.read(file, ["optimizer/" + p for p in prefixes]
+                                      + list(prefixes))
   wanted, names = _strip_optimizer(wanted, names)
-  wanted = {k: v for k, v in wanted.items() if _wanted(k, prefixes)}
+  wanted = {k: v for k, v in wanted.items() if msgpack_stream.wanted(k, prefixes)}
   ckpt_dir = os.path.dirname(file)
-  specs = {k: _absolute_spec(v, ckpt_dir) for k, v in wanted.items() if _is_ts_spec(v)}
+  specs = {k: _absolute_spec(v, ckpt_dir) for k, v in wanted.items() if is_ts_spec(v)}
   opened = {k: ts.open(s, open=True, read=True) for k, s in specs.items()}
   reads = {k: f.result().read() for k, f in opened.items()}
   out = {k: np.asarray(v) for k, v in wanted.items() if k not in specs}
@@ -244,7 +158,7 @@ def _read_orbax(state_dir: str, prefixes: Sequence[str]) -> tuple[Flat, list[str
            for e in meta["tree_metadata"].values()]
   item: dict = {}
   for n in names:
-    if _wanted(n, prefixes):
+    if msgpack_stream.wanted(n, prefixes):
       node = item
       *parents, leaf = n.split("/")
       for k in parents:
@@ -356,19 +270,9 @@ def save_t5x(params: Mapping[str, Any], model_dir: str, step: int = 0, *,
               "optimizer": {"target": unflatten(target),
                             "state": {"step": np.int32(step)}}}
   with open(os.path.join(tmp, _MSGPACK_FILE), "wb") as f:
-    f.write(msgpack.packb(contents, default=_ext_pack, strict_types=True))
+    f.write(msgpack.packb(contents, default=msgpack_stream.ext_pack, strict_types=True))
   if os.path.exists(final):
     shutil.rmtree(tmp)
     raise FileExistsError(f"{final} appeared while writing")
   os.rename(tmp, final)
   return final
-
-
-def _ext_pack(x: Any) -> Any:
-  """Flax's msgpack encoding of numpy scalars and arrays."""
-  if isinstance(x, (np.ndarray, np.generic)):
-    arr = np.asarray(x)
-    data = msgpack.packb((arr.shape, arr.dtype.name, arr.tobytes()), use_bin_type=True)
-    code = _EXT_NDARRAY if isinstance(x, np.ndarray) else _EXT_NPSCALAR
-    return msgpack.ExtType(code, data)
-  raise TypeError(f"cannot write {type(x)} into a T5X checkpoint")
