@@ -9,6 +9,7 @@ output computed by the PyTorch reference (see the README there).
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -144,3 +145,34 @@ def test_reads_bfloat16_and_sharded_safetensors(tmp_path):
   assert arrays["x.weight"].dtype == jnp.bfloat16
   np.testing.assert_array_equal(arrays["x.weight"].astype(np.float32), a.astype(np.float32))
   np.testing.assert_array_equal(hf.read_weights(str(tmp_path), lambda n: True)[0]["y.bias"], b)
+
+
+def test_bert_backbone_dtype_axes_and_levi_taps():
+  import flax.linen as nn
+
+  from levi_jax.models.levi import LeviModel
+
+  folder = os.path.join(DATA, "bert_tiny")
+  golden = _golden("bert_tiny")
+  model, params = hf.hf_bert_encoder(folder, dtype="bfloat16")
+  out = jax.jit(model.apply)({"params": params}, jnp.asarray(golden["tokens"]))
+  assert out.final.dtype == jnp.bfloat16
+  real = golden["tokens"] != 0
+  np.testing.assert_allclose(np.asarray(out.final, np.float32)[real], golden["final"][real],
+                             atol=0.1)
+  boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  axes = nn.get_partition_spec(boxed)
+  assert tuple(axes["embeddings"]["word_embeddings"]["embedding"]) == ("vocab", "embed")
+  attn = axes["encoder"]["layer_0"]["attention"]
+  assert tuple(attn["self"]["query"]["kernel"]) == ("embed", "joined_kv")
+  assert tuple(attn["output"]["dense"]["kernel"]) == ("joined_kv", "embed")
+  assert tuple(axes["encoder"]["layer_1"]["intermediate"]["dense"]["kernel"]) == ("embed", "mlp")
+  # LEVI taps the BERT backbone like the T5 one (traced, not compiled: seconds).
+  levi = LeviModel(backbone=BertEncoder(model.config.replace(dtype=jnp.float32)),
+                   taps=("middle", -1), num_outputs=3)
+  batch = {"inputs": jnp.asarray(golden["tokens"])}
+  shapes = jax.eval_shape(levi.init, jax.random.key(1), batch)["params"]
+  assert set(shapes) >= {"backbone", "adapter_0", "adapter_1", "head"}
+  variables = {"params": {**nn.meta.unbox(shapes), "backbone": params}}
+  pred = jax.eval_shape(levi.apply, variables, batch)["prediction"]
+  assert pred.shape == (2, 3)

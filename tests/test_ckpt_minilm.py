@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from levi_jax.checkpoints import pretrained
+from levi_jax.checkpoints import backbones
 from levi_jax.models.bert import BertEncoder
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
@@ -25,7 +25,8 @@ def minilm():
   gin.clear_config()
   gin.parse_config_file(os.path.join(ROOT, "gin", "models", "minilm_l6.gin"))
   try:
-    backbone = pretrained.load_pretrained()
+    assert gin.query_parameter("backbones.PretrainedConfig.format") == "minilm_l6"
+    backbone = gin.get_configurable(backbones.load_pretrained)()
   finally:
     gin.clear_config()
   vocab = backbone.vocabulary()
@@ -51,7 +52,7 @@ def test_minilm_is_the_packaged_bert(minilm):
   assert isinstance(backbone.module, BertEncoder)
   cfg = backbone.module.config
   assert (cfg.vocab_size, cfg.emb_dim, cfg.num_layers, cfg.num_heads) == (30522, 384, 6, 12)
-  assert backbone.source == pretrained.minilm_l6_folder()
+  assert backbone.source == backbones.minilm_l6_folder()
   with open(os.path.join(DATA, "goldens.json")) as f:
     tok = json.load(f)["tokenizer"]
   for sentence, ids in zip(tok["sentences"], tok["minilm_l6"]):

