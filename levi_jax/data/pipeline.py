@@ -23,6 +23,7 @@ import difflib
 import functools
 import logging
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -238,8 +239,6 @@ def feature_specs(name: str, data_dir: str | None = None,
 def vocabulary_path(name: str, data_dir: str | None = None, vocab_path: str | None = None,
                     max_bad_fraction: float = datasets.DEFAULT_MAX_BAD_FRACTION) -> str:
   """The SentencePiece model for task or dataset `name` (see `levi_jax.data.spm`)."""
-  import os  # pylint: disable=g-import-not-at-top
-
   explicit = vocab_path or os.environ.get(spm.VOCAB_ENV)
   if explicit:
     return explicit
@@ -264,6 +263,11 @@ def _processor(model_path: str):
     raise ValueError(f"{model_path}: expected pad id 0 and EOS id 1 (T5's convention), got "
                      f"pad {proc.pad_id()}, EOS {proc.eos_id()}")
   return proc
+
+
+def vocabulary_size(model_path: str) -> int:
+  """Number of pieces of the SentencePiece model at `model_path` (pad, EOS, UNK included)."""
+  return _processor(model_path).get_piece_size()
 
 
 def tokenize(texts: list[str], model_path: str, length: int) -> np.ndarray:
@@ -294,7 +298,7 @@ def load_split_arrays(name: str, split: str, data_dir: str | None = None,
   return _split_arrays(task, split, inputs_length, model)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=4)  # One task's splits; real datasets' arrays are large.
 def _split_arrays(task: PreparedTask, split: str, inputs_length: int,
                   model: str) -> dict[str, np.ndarray]:
   src = task.source_arrays(split)

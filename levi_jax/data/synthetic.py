@@ -8,7 +8,7 @@
     out_dir/amazon_us/amazon_reviews_us_<Cat>_v1_00.tsv.gz  the same products, amazon_us TSVs
     out_dir/pretrain/ml-100k/...                    the pre-training corpus, MovieLens 100K format
     out_dir/spm.model                               SentencePiece model on all of their text
-    out_dir/truth.npz                               the latent variables, for analysis and tests
+    out_dir/truth.npz                               latent variables (biases, z, s, p, tastes)
     out_dir/world.json                              the configuration and each file's sha256
 
 The same configuration gives byte-identical files.
@@ -42,8 +42,8 @@ Non-transferable structure, with z_u = [b_u > 0] and z_i = [b_i > 0]:
       Legendary) in the title. In the pre-training corpus (its own users and
       items, same W) P(p_i = z_i) = (1 + pretrain_strength) / 2 exactly as in (a),
       so a backbone pre-trained to predict its ratings learns that prestige
-      titles rate higher. In the fine-tuning world half the titles carry a
-      prestige word, independently of everything else.
+      titles rate higher. In the fine-tuning world the same construction with
+      strength 0 makes prestige independent of z_i (agreement exactly 1/2).
 
 ## Amazon world
 
@@ -233,7 +233,8 @@ def _movie_world(config: WorldConfig, prefix: str, n_users: int, n_items: int,
   occ_label[:] = [OCCUPATIONS[k] for k in occ]
   users = {"user_id": np.array([str(u + 1) for u in range(n_users)]), "user_gender": male,
            "bucketized_user_age": bucket.astype(np.float32), "raw_user_age": raw_age,
-           "user_occupation_label": occ_label, "bias": bias_u, "z": bias_u > 0}
+           "user_occupation_label": occ_label, "bias": bias_u, "z": bias_u > 0,
+           "taste": taste}
   in_id = _spurious_shift(config.spurious_shift).population_mask(users, "train")
   srng = _rng(config, prefix + "/spurious")
   if spurious is None:
@@ -254,10 +255,7 @@ def _movie_world(config: WorldConfig, prefix: str, n_users: int, n_items: int,
   bias_i = rng.normal(0, config.item_bias_scale, n_items)
   z_i = bias_i > 0
   prng = _rng(config, prefix + "/prestige")
-  if prestige_strength is None:
-    prestige = prng.permutation(np.arange(n_items) < n_items // 2)
-  else:
-    prestige = _tie(z_i, prestige_strength, prng)
+  prestige = _tie(z_i, prestige_strength or 0.0, prng)
   titles = []
   for i in range(n_items):
     first = (PRESTIGE_WORDS[rng.integers(len(PRESTIGE_WORDS))] if prestige[i]
@@ -447,6 +445,7 @@ def write_world(out_dir: str, config: WorldConfig | None = None, **overrides: An
   np.savez(os.path.join(out_dir, "truth.npz"),
            user_id=ft.users["user_id"], user_bias=ft.users["bias"], user_z=ft.users["z"],
            user_zip_high=ft.users["zip_high"], user_in_id_population=ft.users["in_id_population"],
+           user_taste=ft.users["taste"], genres=np.asarray(WORLD_GENRES),
            item_id=ft.items["item_id"], item_bias=ft.items["bias"], item_z=ft.items["z"],
            item_prestige=ft.items["prestige"], pretrain_item_id=pt.items["item_id"],
            pretrain_item_bias=pt.items["bias"], pretrain_item_z=pt.items["z"],

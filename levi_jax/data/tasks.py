@@ -60,6 +60,11 @@ class DataSentencePieceVocabulary(seqio.SentencePieceVocabulary):
     self._model_context()
     return self._sentencepiece_model_file
 
+  def __eq__(self, other):
+    return (isinstance(other, seqio.SentencePieceVocabulary)
+            and self.sentencepiece_model_file == other.sentencepiece_model_file
+            and self.extra_ids == other.extra_ids)
+
 
 def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, task: str,
                 data_dir: str | None, max_bad_fraction: float) -> tf.data.Dataset:
@@ -150,6 +155,9 @@ def get_dataset(task: str, split: str, inputs_length: int = pipeline.DEFAULT_INP
                 shard_info: seqio.ShardInfo | None = None, num_epochs: int | None = 1
                 ) -> tf.data.Dataset:
   """`seqio.get_dataset` for a registered task with `RatingFeatureConverter`.
+
+  With `batch_size`, the last partial batch is dropped (seqio's behaviour); for
+  evaluation over every example, batch the unbatched dataset yourself.
 
   Raises:
     UnknownTaskError: if `task` is not one of ours (listing close matches).
