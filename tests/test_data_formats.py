@@ -31,7 +31,8 @@ def write_ml100k(d, extra_ratings=(), ratings=None):
     f.write("1|24|M|technician|85711\n2|53|F|other|94043\n3|17|M|student|T8H1N\n"
             "4|45|F|none|15213\n".encode("latin-1"))
   with open(os.path.join(d, "u.item"), "wb") as f:
-    f.write((f"1|Toy Story (1995)|01-Jan-1995||http://x|{_flags('Animation', 'Children', 'Comedy')}\n"
+    f.write((f"1|Toy Story (1995)|01-Jan-1995||http://x|"
+             f"{_flags('Animation', 'Children', 'Comedy')}\n"
              f"2|Crème brûlée à la Française (1996)|01-Jan-1996||http://x|{_flags('Drama')}\n"
              f"3|Mystery Film|||http://x|{_flags('Unknown')}\n").encode("latin-1"))
   rows = ratings if ratings is not None else [
@@ -171,8 +172,10 @@ def write_amazon_2018(d):
   _gz(os.path.join(d, "Electronics.json.gz"), "".join(json.dumps(r) + "\n" for r in reviews))
   meta = [
       {"asin": "B01", "title": "Tom &amp; Jerry Café Crème Headphones",
-       "category": ["Electronics", "Headphones", "Over-Ear"], "brand": "Sony", "price": "$1,299.50"},
+       "category": ["Electronics", "Headphones", "Over-Ear"], "brand": "Sony",
+       "price": "$1,299.50"},
       {"asin": "B02", "title": "Cable", "price": "$5.99 - $9.99"},
+      {"asin": "B01", "title": "A repeated line"},
   ]
   _gz(os.path.join(d, "meta_Electronics.json.gz"),
       "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in meta))
@@ -193,6 +196,7 @@ def test_amazon_2018_json_gzip_and_missing_fields(tmp_path):
   assert np.isnan(items["B02"]["item_price"]) and items["B02"]["item_brand"] == ""
   assert items["B09"]["item_title"] == "" and items["B09"]["item_category"] == "Electronics"
   assert items["0123456789"]["item_category"] == "Books"
+  assert "1 repeated asins" in t.report.summary()
   ts = {(t.users["user_id"][u], t.items["item_id"][i]): s for u, i, s in
         zip(t.rows["user_index"], t.rows["item_index"], t.rows["timestamp"])}
   assert ts[("A1", "B02")] == 1252800000  # reviewTime "09 13, 2009", UTC.

@@ -1,4 +1,4 @@
-"""The synthetic world: same seed same files, raw formats, planted structure at the asked strengths."""
+"""The synthetic world: same seed same files, raw formats, planted structure at asked strengths."""
 
 import json
 import os

@@ -75,7 +75,8 @@ class DatasetSpec:
   description: str = ""
 
 
-_ID_FEATURES = (FeatureDef("user_id", "user_id", 200_000), FeatureDef("item_id", "item_id", 200_000))
+_ID_FEATURES = (FeatureDef("user_id", "user_id", 200_000),
+                FeatureDef("item_id", "item_id", 200_000))
 _ML_FEATURES = _ID_FEATURES + (
     FeatureDef("user_gender", "user_gender", 4),
     FeatureDef("bucketized_user_age", "bucketized_user_age", 16),

@@ -17,7 +17,8 @@ MovieLens columns and values follow TFDS's `movielens/{100k,1m}-ratings`
 "Children's" read as "Children"), so raw files and TFDS give equal tables.
 Amazon items carry `item_title`, `item_category` (the file's category for the
 2018 data, `product_category` for the TSV), and for the 2018 data
-`item_subcategories` (the metadata's category path below the top level),
+`item_subcategories` (the metadata's category path below the top level, at
+most four levels),
 `item_brand` and `item_price`. A review's own text is not kept: it describes
 the rating being predicted.
 
@@ -83,7 +84,9 @@ AMAZON_US_ITEM_COLUMNS = {"item_title": "str", "item_category": "str"}
 
 ML100K_FILES = ("u.data", "u.user", "u.item")
 ML1M_FILES = ("ratings.dat", "users.dat", "movies.dat")
-AMAZON_REVIEWS_RE = re.compile(r"^(?!meta_)(?:reviews_)?(?P<cat>.+?)(?:_5)?\.json(?:\.gz)?$")
+# Category names are capitalized in the published files ("Books", "AMAZON_FASHION").
+AMAZON_REVIEWS_RE = re.compile(
+    r"^(?!meta_)(?:reviews_)?(?P<cat>[A-Z][\w,&-]*?)(?:_5)?\.json(?:\.gz)?$")
 AMAZON_META_RE = re.compile(r"^meta_(?P<cat>.+?)\.json(?:\.gz)?$")
 AMAZON_TSV_RE = re.compile(r"^amazon_reviews_(?:us_)?(?P<cat>.+?)(?:_v\d+_\d+)?\.tsv(?:\.gz)?$")
 AMAZON_TSV_REQUIRED = ("customer_id", "product_id", "star_rating", "review_date")
@@ -343,6 +346,7 @@ def parse_amazon_2018(data_dir: str, dataset: str = "amazon_2018",
   items: dict[str, dict] = {}
   for path in sorted(metas.values()):
     rep = report.new_file(path)
+    duplicates = 0
     for n, text in _rows(path, rep, "utf-8"):
       try:
         rec = json.loads(text)
@@ -355,12 +359,15 @@ def parse_amazon_2018(data_dir: str, dataset: str = "amazon_2018",
         rep.add_bad(n, f"invalid metadata: {e}", text)
         continue
       if asin in items:
+        duplicates += 1
         continue
       path_cats = rec.get("category") if isinstance(rec.get("category"), list) else []
       items[asin] = {"item_title": _clean(rec.get("title")),
                      "item_subcategories": [_clean(c) for c in path_cats[1:5] if _clean(c)],
                      "item_brand": _clean(rec.get("brand")),
                      "item_price": parse_price(rec.get("price"))}
+    if duplicates:
+      rep.notes.append(f"{duplicates} repeated asins; the first metadata line of each is used")
   out = _empty_lists()
   item_category: dict[str, str] = {}
   for cat, path in sorted(reviews.items()):

@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   group.add_argument("--list", action="store_true", help="list the registered tasks")
   group.add_argument("--task", help="summarize this task")
   parser.add_argument("--data_dir", default=None,
-                      help="raw files, tfds[:DIR], or unset for LEVI_DATA_DIR / the synthetic world")
+                      help="raw files, tfds[:DIR]; unset: LEVI_DATA_DIR or the synthetic world")
   parser.add_argument("--inputs_length", type=int, default=pipeline.DEFAULT_INPUTS_LENGTH)
   parser.add_argument("--vocab_path", default=None, help="SentencePiece model for inputs")
   args = parser.parse_args(argv)

@@ -237,7 +237,8 @@ def split_rows(table: RatingsTable, shift: Shift, seed: int = SPLIT_SEED) -> dic
   if empty:
     raise ValueError(
         f"shift {shift.name} on {table.dataset} ({table.source}): empty {empty}. Training "
-        f"population {int(train_pop.sum())} ratings ({' AND '.join(map(str, shift.train)) or 'all'})"
+        f"population {int(train_pop.sum())} ratings "
+        f"({' AND '.join(map(str, shift.train)) or 'all'})"
         f", OOD population {int(ood.sum())} ratings "
         f"({' AND '.join(map(str, shift.ood or ())) or 'none'}).")
   return {s: out[s].astype(np.int64) for s in shift.splits}
@@ -315,7 +316,8 @@ def _movielens_shifts() -> list[Shift]:
       *_pair("genre_light_to_dark", "genre_dark_to_light", f, "item",
              "train on films without crime/noir/horror/mystery/thriller/war, test on those",
              "train on crime/noir/horror/mystery/thriller/war films, test on the others",
-             (Clause("movie_genres", "none_in", _DARK),), (Clause("movie_genres", "any_in", _DARK),),
+             (Clause("movie_genres", "none_in", _DARK),),
+             (Clause("movie_genres", "any_in", _DARK),),
              holdout=ITEM, unseen=(ITEM,)),
       Shift("genre_other_to_family", f, "item",
             "train on films that are not animation/children's, test on those",

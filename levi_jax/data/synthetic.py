@@ -207,7 +207,8 @@ def _structure(config: WorldConfig) -> dict[str, np.ndarray]:
   rng = _rng(config, "structure")
   g = len(WORLD_GENRES)
   s = config.taste_scale
-  return {"gender": rng.normal(0, s, (2, g)), "age": rng.normal(0, s, (len(formats.AGE_BUCKETS), g)),
+  return {"gender": rng.normal(0, s, (2, g)),
+          "age": rng.normal(0, s, (len(formats.AGE_BUCKETS), g)),
           "occupation": rng.normal(0, s, (len(OCCUPATIONS), g))}
 
 
@@ -432,7 +433,8 @@ def write_world(out_dir: str, config: WorldConfig | None = None, **overrides: An
   os.makedirs(out_dir, exist_ok=True)
   ml_start, ml_end = 874724710, 893286638  # The time span of MovieLens 100K.
   ft = _movie_world(config, "finetune", config.num_users, config.num_items,
-                    (config.spurious_strength, config.spurious_ood_strength), None, ml_start, ml_end)
+                    (config.spurious_strength, config.spurious_ood_strength), None,
+                    ml_start, ml_end)
   pt = _movie_world(config, "pretrain", config.pretrain_num_users, config.pretrain_num_items,
                     None, config.pretrain_strength, ml_start, ml_end)
   if "ml-100k" in config.formats:
