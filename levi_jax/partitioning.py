@@ -9,12 +9,15 @@ T5X calls parameter partitioning.
 
 State is never built unsharded: `jax.eval_shape` gives the abstract tree and
 its logical names, those become `NamedSharding`s, and the real initialiser
-runs under `jax.jit(..., out_shardings=...)`.
+runs under `jax.jit(..., out_shardings=...)`. The train and eval steps are
+jitted with explicit shardings (`jit_train_step`, `jit_eval_step`), and each
+process feeds only its shard of the batch (`process_shard`, `global_batch`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -70,9 +73,11 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | No
   if data * model != n:
     raise ValueError(f"mesh {data}x{model} (data x model) does not use the {n} devices "
                      "available; choose sizes whose product is the device count")
-  grid = np.asarray(devices).reshape(data, model)
-  return Mesh(grid, (DATA, MODEL),
-              axis_types=(jax.sharding.AxisType.Auto, jax.sharding.AxisType.Auto))
+  # jax.make_mesh orders devices by the physical topology on TPU (rings for
+  # the `model` axis); on CPU/GPU it is a plain reshape.
+  return jax.make_mesh((data, model), (DATA, MODEL),
+                       axis_types=(jax.sharding.AxisType.Auto, jax.sharding.AxisType.Auto),
+                       devices=devices)
 
 
 def rules_for(cfg: MeshConfig) -> tuple[tuple[str, str | None], ...]:
@@ -117,6 +122,20 @@ def _fit(spec: P) -> P:
   return P(*out)
 
 
+def abstract_state(init_fn: Callable[[], Any], mesh: Mesh, rules) -> Any:
+  """`jax.ShapeDtypeStruct`s (with shardings) of what `init_fn` would build.
+
+  Nothing is computed; this is the target for restoring a checkpoint into
+  a mesh (orbax reshards to the given shardings) and the source of the
+  shardings `sharded_init` creates state with.
+  """
+  abstract = jax.eval_shape(init_fn)
+  shardings = logical_to_sharding(abstract, mesh, rules)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      nn.meta.unbox(abstract), nn.meta.unbox(shardings))
+
+
 def sharded_init(init_fn: Callable[[], Any], mesh: Mesh, rules) -> tuple[Any, Any]:
   """Runs `init_fn` (returning a tree with boxed leaves) into sharded arrays.
 
@@ -128,11 +147,68 @@ def sharded_init(init_fn: Callable[[], Any], mesh: Mesh, rules) -> tuple[Any, An
   Returns:
     (unboxed tree, matching tree of NamedShardings).
   """
-  abstract = jax.eval_shape(init_fn)
-  shardings = nn.meta.unbox(logical_to_sharding(abstract, mesh, rules))
+  shardings = jax.tree.map(lambda x: x.sharding, abstract_state(init_fn, mesh, rules))
   with jax.set_mesh(mesh):
     tree = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
   return tree, shardings
+
+
+def process_shard(mesh: Mesh) -> tuple[int, int]:
+  """Which shard of the data this process reads: `(index, count)`.
+
+  Pass it to `seqio.ShardInfo(index=..., num_shards=...)`. It is
+  `(jax.process_index(), jax.process_count())` whenever each process holds
+  its own rows of the batch; processes whose devices hold the same rows (a
+  `model` axis spanning hosts) get the same index, so they read the same
+  examples, as `jax.make_array_from_process_local_data` requires.
+  """
+  grid = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
+  grid = np.moveaxis(grid, mesh.axis_names.index(DATA), 0).reshape(mesh.shape[DATA], -1)
+  return shard_of(grid, jax.process_index())
+
+
+def shard_of(process_grid: np.ndarray, process_index: int) -> tuple[int, int]:
+  """`process_shard` for a `[data, rest]` grid of the processes owning each device.
+
+  Raises:
+    ValueError: the process's rows of the data axis are not one contiguous
+      block, or processes hold different numbers of rows.
+  """
+  rows_of: dict[int, list[int]] = {}
+  for row, procs in enumerate(np.asarray(process_grid)):
+    for p in set(procs.tolist()):
+      rows_of.setdefault(p, []).append(row)
+  for p, rows in rows_of.items():
+    if rows[-1] - rows[0] + 1 != len(rows):
+      raise ValueError(f"process {p} holds non-contiguous rows {rows} of the data axis; "
+                       "build the mesh with `make_mesh`")
+  sizes = {len(rows) for rows in rows_of.values()}
+  if len(sizes) != 1:
+    raise ValueError(f"processes hold different numbers of data rows: {rows_of}")
+  per_process = sizes.pop()
+  return rows_of[process_index][0] // per_process, len(process_grid) // per_process
+
+
+def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+  """Examples per process: global batch / number of data shards.
+
+  Raises:
+    ValueError: the global batch does not split over the `data` axis.
+  """
+  if global_batch_size % mesh.shape[DATA]:
+    raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
+                     f"data axis size {mesh.shape[DATA]}")
+  return global_batch_size // process_shard(mesh)[1]
+
+
+def process_batch_slice(global_batch_size: int, mesh: Mesh) -> slice:
+  """The rows of a global batch that this process feeds to `global_batch`.
+
+  For data every process can compute whole (synthetic batches, tests).
+  """
+  index, _ = process_shard(mesh)
+  size = local_batch_size(global_batch_size, mesh)
+  return slice(index * size, (index + 1) * size)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -141,7 +217,61 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assembles this process's slice of the batch into global arrays."""
+  """Assembles this process's slice of the batch into global arrays.
+
+  `local` holds `local_batch_size(global, mesh)` examples: this process's
+  shard (see `process_shard`). The same call runs on one process or many.
+  """
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local.items()}
+  count = process_shard(mesh)[1]
+
+  def one(v):
+    v = np.asarray(v)
+    return jax.make_array_from_process_local_data(
+        sharding, v, (v.shape[0] * count,) + v.shape[1:])
+
+  return {k: one(v) for k, v in local.items()}
+
+
+def _traced_under(fn: Callable, mesh: Mesh, rules) -> Callable:
+  """`fn` traced with the logical rules and the mesh in context.
+
+  Flax's `nn.with_logical_constraint` is a no-op unless both are set while
+  tracing; entering them inside the jitted function makes the constraints
+  apply however the step is called.
+  """
+
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      return fn(*args)
+
+  return wrapped
+
+
+def jit_train_step(train_step: Callable, state_shardings: Any, mesh: Mesh,
+                   rules=LOGICAL_RULES) -> Callable:
+  """`jax.jit` of `train_step(state, batch, rng) -> (state, metrics)` with shardings.
+
+  The state keeps `state_shardings` (from `sharded_init`) in and out and is
+  donated; the batch is split over `data`; the rng and the metrics are
+  replicated. Activations follow their logical constraints under `rules`.
+  """
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(_traced_under(train_step, mesh, rules),
+                 in_shardings=(state_shardings, batch_sharding(mesh), replicated),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def jit_eval_step(eval_step: Callable, param_shardings: Any, mesh: Mesh,
+                  rules=LOGICAL_RULES) -> Callable:
+  """`jax.jit` of `eval_step(params, batch) -> sums` with shardings.
+
+  `param_shardings` matches the combined parameter tree (e.g.
+  `methods.combine(shardings.params, shardings.frozen)`); the sums come back
+  replicated.
+  """
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(_traced_under(eval_step, mesh, rules),
+                 in_shardings=(param_shardings, batch_sharding(mesh)),
+                 out_shardings=replicated)

@@ -1,0 +1,220 @@
+"""Runs short sharded trainings for `test_sharding.py`, in its own process.
+
+The device count must be fixed before JAX starts, so the tests run this file
+as a subprocess (`XLA_FLAGS=--xla_force_host_platform_device_count=8`, or as
+one of several `jax.distributed` processes) and compare what it writes with a
+single-device run of `run_training` in the test process.
+
+    python tests/sharding_worker.py meshes OUT_DIR --method levi
+    python tests/sharding_worker.py multiprocess OUT_DIR --port P --process_id I --num_processes N
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from levi_jax import methods, partitioning, step
+from levi_jax.models import t5_encoder as t5
+from levi_jax.models.task_net import CategoricalFeature, FeatureTower
+from levi_jax.optim import OptimizerConfig, make_optimizer
+
+STEPS = 3
+BATCH = 16
+LENGTH = 8
+VOCAB = 64
+FEATS = (CategoricalFeature("user_id", 12), CategoricalFeature("genres", 6, bag_size=3))
+# Every sharded dimension divides 8: heads, joined_kv, mlp and vocab.
+CONFIG = t5.T5Config(vocab_size=VOCAB, emb_dim=16, num_heads=8, head_dim=2, num_layers=2,
+                     mlp_dim=32, mlp_activations=("gelu", "linear"), dropout_rate=0.1)
+# (data, model, fsdp) meshes of the 8-device run.
+MESHES = ((1, 8, False), (2, 4, False), (4, 2, False), (8, 1, False), (2, 4, True))
+METHODS = ("levi", "ft")
+
+
+def make_batch(seed: int = 0) -> dict[str, np.ndarray]:
+  """The global batch (every process can build it; each feeds its own rows)."""
+  rs = np.random.RandomState(seed)
+  batch = {"inputs": rs.randint(1, VOCAB, (BATCH, LENGTH)).astype(np.int32),
+           "user_id": rs.randint(0, 12, (BATCH,)).astype(np.int32),
+           "genres": rs.randint(0, 6, (BATCH, 3)).astype(np.int32),
+           "targets": (rs.randn(BATCH) + 3.0).astype(np.float32)}
+  batch["inputs"][:, 6:] = 0
+  return batch
+
+
+def build(name: str) -> methods.Method:
+  return methods.make_method(name, backbone=t5.T5Encoder(CONFIG),
+                             task_net=FeatureTower(FEATS, embed_dim=8, hidden=(16,)),
+                             adapter_dim=8, fusion_hidden=(8,))
+
+
+def _init_fn(method):
+  optimizer = make_optimizer(
+      OptimizerConfig(learning_rate=1e-2, schedule="constant", clip_norm=None), 100)
+  batch = make_batch()
+
+  def init():
+    params = method.init(jax.random.PRNGKey(0), batch)
+    trainable, frozen = methods.partition(params, method.stages[0].frozen)
+    return step.TrainState.create(trainable, frozen, optimizer)
+
+  return init, optimizer
+
+
+def to_host(tree) -> dict[str, np.ndarray]:
+  """'/'-joined paths to full numpy arrays (gathered across processes)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    tree = multihost_utils.process_allgather(tree, tiled=True)
+  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+
+
+def _layout(tree) -> dict:
+  """Per leaf: global shape, PartitionSpec and the shapes of its device shards."""
+  flat = traverse_util.flatten_dict(tree, sep="/")
+  return {k: {"shape": list(v.shape),
+              "spec": [list(a) if isinstance(a, tuple) else a for a in v.sharding.spec],
+              "shard_shapes": sorted({tuple(s.data.shape) for s in v.addressable_shards})}
+          for k, v in flat.items()}
+
+
+def _constraint_count(jitted, args) -> int:
+  """Sharding constraints naming the `model` axis in the lowered program."""
+  return sum('"model"' in line for line in jitted.lower(*args).as_text().splitlines()
+             if "sdy.sharding_constraint" in line)
+
+
+def run_training(name: str, mesh, rules, inspect: bool = False, save_to: str | None = None
+                 ) -> tuple[dict[str, np.ndarray], dict]:
+  """Trains `STEPS` steps of a method on a mesh.
+
+  Returns:
+    (arrays, report): the loss per step, the gradients of the first step
+    and the parameters at the end; with `inspect`, the report holds the
+    layout of the fresh state and the constraint counts of the lowered step.
+  """
+  method = build(name)
+  init, optimizer = _init_fn(method)
+  state, shardings = partitioning.sharded_init(init, mesh, rules)
+  train_step = step.make_train_step(method, optimizer, step.LossConfig())
+  local = make_batch()
+  rows = partitioning.process_batch_slice(BATCH, mesh)
+  batch = partitioning.global_batch({k: v[rows] for k, v in local.items()}, mesh)
+  rng = jax.random.PRNGKey(1)
+  jitted = partitioning.jit_train_step(train_step, shardings, mesh, rules)
+  report = {}
+  if inspect:
+    report["layout"] = _layout({"params": state.params, "frozen": state.frozen,
+                                "mu": state.opt_state[0].mu})
+    bare = jax.jit(train_step)
+    report["constraints"] = {"with_rules": _constraint_count(jitted, (state, batch, rng)),
+                             "without_rules": _constraint_count(bare, (state, batch, rng))}
+  losses = []
+  for i in range(STEPS):
+    state, metrics = jitted(state, batch, rng)
+    losses.append(float(metrics["loss"]))
+    if i == 0:
+      # Adam's first moment after one unclipped step is (1 - b1) * gradient.
+      arrays = {f"grad/{k}": v / 0.1 for k, v in to_host(state.opt_state[0].mu).items()}
+  arrays["loss"] = np.asarray(losses)
+  arrays.update({f"param/{k}": v for k, v in to_host(state.all_params()).items()})
+  if save_to:
+    import orbax.checkpoint as ocp
+    ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(
+        save_to, args=ocp.args.StandardSave(state))
+  return arrays, report
+
+
+def restore_resharded(path: str, name: str, mesh, rules) -> tuple[dict, dict]:
+  """Restores a saved TrainState into `mesh` (orbax reshards on read).
+
+  Returns:
+    (host parameters, {"shardings_match": bool, "devices": device count}).
+  """
+  import orbax.checkpoint as ocp
+  init, _ = _init_fn(build(name))
+  abstract = partitioning.abstract_state(init, mesh, rules)
+  restored = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(
+      path, args=ocp.args.StandardRestore(abstract))
+  leaves, targets = jax.tree.leaves(restored), jax.tree.leaves(abstract)
+  info = {"shardings_match": len(leaves) == len(targets) and all(
+              x.sharding == t.sharding for x, t in zip(leaves, targets)),
+          "devices": sorted({len(x.sharding.device_set) for x in leaves})}
+  return {f"param/{k}": v for k, v in to_host(restored.all_params()).items()}, info
+
+
+def meshes(out_dir: str, name: str):
+  """One method's 8-device checks; arrays to `{name}.npz`, the rest to `{name}.json`.
+
+  LEVI's run also reports the 2x4 layouts and lowered constraints, and its
+  2x4 checkpoint is restored under 8x1 and 1x1.
+  """
+  devices = jax.devices()
+  assert len(devices) == 8, devices
+  arrays, report = {}, {}
+  ckpt = os.path.join(os.path.abspath(out_dir), "ckpt")
+  for data, model, fsdp in MESHES:
+    cfg = partitioning.MeshConfig(data, model, fsdp)
+    mesh = partitioning.make_mesh(cfg, devices)
+    tag = f"{data}x{model}{'_fsdp' if fsdp else ''}"
+    inspect = name == "levi" and (data, model) == (2, 4)
+    got, info = run_training(name, mesh, partitioning.rules_for(cfg), inspect=inspect,
+                             save_to=ckpt if inspect and not fsdp else None)
+    arrays.update({f"{tag}/{name}/{k}": v for k, v in got.items()})
+    if info:
+      report[tag] = info
+  if name == "levi":
+    for data, model, devs in ((8, 1, devices), (1, 1, devices[:1])):
+      mesh = partitioning.make_mesh(partitioning.MeshConfig(data, model), devs)
+      got, info = restore_resharded(ckpt, name, mesh, partitioning.LOGICAL_RULES)
+      arrays.update({f"restored_{data}x{model}/{name}/{k}": v for k, v in got.items()})
+      report[f"restored_{data}x{model}"] = info
+  np.savez(os.path.join(out_dir, f"{name}.npz"), **arrays)
+  with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+    json.dump(report, f)
+
+
+def multiprocess(out_dir: str, port: int, process_id: int, num_processes: int):
+  """One of `num_processes` processes training LEVI on a mesh spanning them."""
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
+                             num_processes=num_processes, process_id=process_id,
+                             initialization_timeout=60)
+  try:
+    n = jax.device_count()
+    result = {"process_count": np.asarray(jax.process_count()),
+              "device_count": np.asarray(n)}
+    # Processes own rows of the batch (2x2), then the model axis spans them (1x4).
+    for data, model in ((n // 2, 2), (1, n)):
+      mesh = partitioning.make_mesh(partitioning.MeshConfig(data, model))
+      result[f"{data}x{model}/shard"] = np.asarray(partitioning.process_shard(mesh))
+      for k, v in run_training("levi", mesh, partitioning.LOGICAL_RULES)[0].items():
+        result[f"{data}x{model}/{k}"] = v
+    np.savez(os.path.join(out_dir, f"process_{process_id}.npz"), **result)
+  finally:
+    jax.distributed.shutdown()
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("mode", choices=("meshes", "multiprocess"))
+  parser.add_argument("out_dir")
+  parser.add_argument("--method", choices=METHODS, default="levi")
+  parser.add_argument("--port", type=int)
+  parser.add_argument("--process_id", type=int, default=0)
+  parser.add_argument("--num_processes", type=int, default=2)
+  args = parser.parse_args(argv)
+  if args.mode == "meshes":
+    meshes(args.out_dir, args.method)
+  else:
+    multiprocess(args.out_dir, args.port, args.process_id, args.num_processes)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
