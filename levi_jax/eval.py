@@ -12,6 +12,7 @@ import sys
 
 import gin
 from absl import app, flags
+from absl import logging as absl_logging
 
 from levi_jax import gin_utils, trainer
 
@@ -33,6 +34,7 @@ def split_checkpoint_path(path: str) -> tuple[str, int | None]:
 
 def main(argv):
   del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/jax chatter
   logging.getLogger("levi_jax").setLevel(logging.INFO)
   gin_utils.parse(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
   path = gin.query_parameter("%CHECKPOINT_PATH")

@@ -38,6 +38,16 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
   return out
 
 
+def resolve_gin_file(name: str, search_paths: Sequence[str]) -> str:
+  """The absolute path of a gin file given as is, or relative to ./ or a search path."""
+  for base in ("", *search_paths):
+    path = os.path.join(base, name)
+    if os.path.isfile(path):
+      return os.path.abspath(path)
+  raise FileNotFoundError(f"gin file {name!r} not found (searched ./ and "
+                          f"{', '.join(search_paths)})")
+
+
 def parse(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]):
   """Parses gin files and bindings; errors name the offending file or binding."""
   for p in search_paths:
@@ -45,11 +55,7 @@ def parse(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[
   if not files:
     raise ValueError("no --gin_file given; e.g. --gin_file=runs/train.gin")
   for f in files:
-    try:
-      gin.parse_config_file(f)
-    except IOError as e:
-      raise FileNotFoundError(f"gin file {f!r} not found (searched ./ and "
-                              f"{', '.join(search_paths)})") from e
+    gin.parse_config_file(resolve_gin_file(f, search_paths))
   for b in bindings:
     try:
       gin.parse_config(b)

@@ -140,6 +140,7 @@ def make_method(
     ensemble_member: str = "lp",
     lp_fraction: float = 0.5,
     wise_alphas: Sequence[float] = (0.25, 0.5, 0.75),
+    output_bias: float = 0.0,
     dtype: Any = jnp.float32,
 ) -> Method:
   """Builds the named method from a backbone module and a small task network.
@@ -156,6 +157,7 @@ def make_method(
     ensemble_member: "lp" or "ft": the backbone member of the ensemble.
     lp_fraction: share of steps spent in the LP stage of lpft/wiseft.
     wise_alphas: WiSE-FT interpolation weights to report.
+    output_bias: initial bias of every prediction head (e.g. the mean rating).
     dtype: activation dtype.
 
   Raises:
@@ -183,16 +185,16 @@ def make_method(
     return LeviModel(backbone=backbone, task_net=task_net, taps=tuple(taps),
                      pooling=pooling, adapter_dim=adapter_dim, fusion_hidden=fusion_hidden,
                      num_outputs=num_outputs, aux_heads=aux_heads, freeze_backbone=freeze,
-                     dtype=dtype)
+                     output_bias=output_bias, dtype=dtype)
 
   def probe(freeze: bool) -> LeviModel:
     return LeviModel(backbone=backbone, taps=("final",), pooling=pooling, adapter_dim=None,
                      fusion_hidden=(), num_outputs=num_outputs, freeze_backbone=freeze,
-                     dtype=dtype)
+                     output_bias=output_bias, dtype=dtype)
 
   def scratch() -> LeviModel:
     return LeviModel(task_net=task_net, fusion_hidden=fusion_hidden,
-                     num_outputs=num_outputs, dtype=dtype)
+                     num_outputs=num_outputs, output_bias=output_bias, dtype=dtype)
 
   one = lambda *frozen: (Stage("train", tuple(frozen)),)
   two = (Stage("lp", frozen_backbone, lp_fraction), Stage("ft", (), 1.0 - lp_fraction))

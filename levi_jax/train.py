@@ -11,6 +11,7 @@ import sys
 
 import jax
 from absl import app, flags
+from absl import logging as absl_logging
 
 from levi_jax import gin_utils, trainer
 
@@ -24,6 +25,7 @@ def main(argv):
   del argv
   if FLAGS.multiprocess:
     jax.distributed.initialize()
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/jax chatter
   logging.getLogger("levi_jax").setLevel(logging.INFO)
   gin_utils.parse(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
   model_dir = gin_utils.model_dir()

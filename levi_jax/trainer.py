@@ -107,12 +107,12 @@ class DataConfig:
     batch_size: global training batch size (split over processes).
     eval_batch_size: global evaluation batch size (padded, masked).
     seq_length: `inputs` length in tokens.
-    validation_fraction: share of the training population held out for
-      validation (checkpoint selection); never an ID/OOD test example.
+    validation_fraction: share of the training rows held out for validation
+      (checkpoint selection) when the task has no validation split of its own.
     seed: seed of the validation split and of the batch order.
   """
 
-  task: str = "synthetic_ml_user_gender"
+  task: str = "movielens_100k.gender_m_to_f"
   data_dir: str = ""
   batch_size: int = 64
   eval_batch_size: int = 256
@@ -215,7 +215,10 @@ def eval_batches(arrays: Arrays, batch_size: int):
 
 def build_method(cfg: ModelConfig, data: TaskData, num_outputs: int = 1,
                  vocab_size: int | None = None) -> methods.Method:
-  """The method for `cfg`, sized to the data's features and vocabulary."""
+  """The method for `cfg`, sized to the data's features and vocabulary.
+
+  Regression heads start at the mean training target.
+  """
   overrides = dict(cfg.backbone_overrides)
   overrides.setdefault("vocab_size", vocab_size or data.vocab_size)
   backbone_cfg = t5_encoder.preset(cfg.backbone, dtype=cfg.dtype, **overrides)
@@ -235,7 +238,8 @@ def build_method(cfg: ModelConfig, data: TaskData, num_outputs: int = 1,
       fusion_hidden=cfg.fusion_hidden, num_outputs=num_outputs, aux_heads=cfg.aux_heads,
       lora=lora_lib.LoraConfig(cfg.lora_rank, cfg.lora_alpha),
       ensemble_member=cfg.ensemble_member, lp_fraction=cfg.lp_fraction,
-      wise_alphas=cfg.wise_alphas, dtype=cfg.dtype)
+      wise_alphas=cfg.wise_alphas, dtype=cfg.dtype,
+      output_bias=float(np.mean(data.train["targets"])) if num_outputs == 1 else 0.0)
 
 
 def stage_bounds(method: methods.Method, num_steps: int) -> list[tuple[int, int]]:
@@ -355,12 +359,16 @@ def train(
   # --- Data -------------------------------------------------------------------
   if task_data is None:
     task_data = load_task_data(data)
-  train_rows, val_rows = split_validation(task_data.train, data.validation_fraction, data.seed)
+  if "validation" in task_data.evals:
+    train_rows, evals = task_data.train, dict(task_data.evals)
+  else:
+    train_rows, val_rows = split_validation(task_data.train, data.validation_fraction,
+                                            data.seed)
+    evals = {"validation": val_rows, **task_data.evals} if len(val_rows["targets"]) else dict(
+        task_data.evals)
   n_train = len(train_rows["targets"])
   if n_train == 0:
     raise ValueError(f"task {data.task!r} has no training examples")
-  evals = {"validation": val_rows, **task_data.evals} if len(val_rows["targets"]) else dict(
-      task_data.evals)
   rows = local_rows(data.batch_size)
 
   def train_batch(step: int) -> dict[str, np.ndarray]:
@@ -443,6 +451,7 @@ def train(
 
     stage_params0 = None
     results_evals: dict[str, Any] = {}
+    train_time, steps_run = 0.0, 0
     for stage_idx, (s_begin, s_end) in enumerate(bounds):
       stage = method.stages[stage_idx]
       resuming_here = meta is not None and meta["stage"] == stage_idx
@@ -488,6 +497,7 @@ def train(
       last_ok, last_loss = first, None
       log.info("stage %s: steps %d-%d, %d trainable / %d params", stage.name, s_begin,
                s_end, count_params(state.params), count_params(params))
+      t_loop = time.time()
       for s in range(first, s_end):
         state, metrics = train_step(
             state, partitioning.global_batch(train_batch(s), device_mesh), dropout_rng)
@@ -503,12 +513,15 @@ def train(
           progress.update(done, last_loss)
         ckpt_metrics = None
         if eval_now:
+          jax.block_until_ready(state.params)
+          t_eval = time.time()
           all_params = state.all_params()
           results_evals = evaluate(all_params)
           metric_log.write(done, {f"{split}/{k}": v for split, m in results_evals.items()
                                   for k, v in m.items()})
           if "validation" in results_evals and loss.task == "regression":
             ckpt_metrics = {checkpointing.BEST_METRIC: results_evals["validation"]["rmse"]}
+          t_loop += time.time() - t_eval  # evaluation is not training time
         if save_now:
           ckpt.save(done, {"step": state.step, "params": state.params,
                            "opt_state": state.opt_state},
@@ -518,6 +531,9 @@ def train(
                     ckpt_metrics)
       progress.close()
       params = state.all_params()
+      jax.block_until_ready(params)
+      train_time += time.time() - t_loop
+      steps_run += s_end - first
       if method.wise_alphas and stage_idx == 0 and not eval_only:
         ckpt.wait()
         checkpointing.save_tree(os.path.join(model_dir, "stage_0_params"), params)
@@ -546,7 +562,8 @@ def train(
       "params_total": count_params(params),
       "num_steps": loop.num_steps,
       "wall_time_s": wall,
-      "examples_per_s": loop.num_steps * data.batch_size / max(wall, 1e-9),
+      "train_time_s": train_time,
+      "examples_per_s": steps_run * data.batch_size / max(train_time, 1e-9),
       "final_train_loss": last_loss,
       "frozen_hash": final_frozen_hash,
       "metrics": results_evals,
@@ -561,9 +578,19 @@ def train(
 
 
 def load_task_data(cfg: DataConfig) -> TaskData:
-  """Loads a registered task's splits into memory (see `levi_jax.data`)."""
-  from levi_jax import data as data_lib
-  return data_lib.load_task_data(cfg.task, data_dir=cfg.data_dir, seq_length=cfg.seq_length)
+  """Loads a registered task's splits into memory (see `levi_jax.data.pipeline`).
+
+  An empty `data_dir` means `LEVI_DATA_DIR`, else the embedded synthetic world.
+  """
+  from levi_jax.data import pipeline
+  task = pipeline.prepare(cfg.task, cfg.data_dir or None)
+  arrays = {split: dict(pipeline.load_split_arrays(cfg.task, split, task.data_dir,
+                                                   inputs_length=cfg.seq_length))
+            for split in task.splits}
+  vocab = pipeline.vocabulary_path(cfg.task, task.data_dir)
+  return TaskData(train=arrays.pop("train"), evals=arrays,
+                  features=tuple(task.feature_specs),
+                  vocab_size=pipeline.vocabulary_size(vocab))
 
 
 def make_train_fn(**kwargs) -> Callable[..., dict]:

@@ -97,6 +97,8 @@ class LeviModel(nn.Module):
     num_outputs: 1 for regression, the class count for classification.
     aux_heads: add a linear head per view (returned under "aux").
     freeze_backbone: stop gradients at the backbone outputs.
+    output_bias: initial bias of the prediction (and auxiliary) heads; the
+      training targets' mean for regression, so training starts at the mean.
     dtype: activation dtype of the adapters and head.
   """
 
@@ -109,6 +111,7 @@ class LeviModel(nn.Module):
   num_outputs: int = 1
   aux_heads: bool = False
   freeze_backbone: bool = True
+  output_bias: float = 0.0
   dtype: Any = jnp.float32
 
   def pooled_taps(self, batch: Mapping[str, Array], deterministic: bool = True) -> Array:
@@ -152,11 +155,12 @@ class LeviModel(nn.Module):
     """Returns {"prediction": [batch, num_outputs], "aux": tuple of the same}."""
     views = self._views(batch, deterministic)
     x = jnp.concatenate(views, axis=-1)
-    pred = MLP(self.fusion_hidden + (self.num_outputs,), dtype=self.dtype,
-               name="head")(x)
+    pred = MLP(self.fusion_hidden + (self.num_outputs,), final_bias=self.output_bias,
+               dtype=self.dtype, name="head")(x)
     aux = ()
     if self.aux_heads:
-      aux = tuple(MLP((self.num_outputs,), dtype=self.dtype, name=f"aux_head_{i}")(v)
+      aux = tuple(MLP((self.num_outputs,), final_bias=self.output_bias, dtype=self.dtype,
+                      name=f"aux_head_{i}")(v)
                   for i, v in enumerate(views))
     return {"prediction": pred.astype(jnp.float32),
             "aux": tuple(a.astype(jnp.float32) for a in aux)}

@@ -78,11 +78,15 @@ def validate_features(batch: Mapping[str, Any], features: Sequence[CategoricalFe
 
 
 class MLP(nn.Module):
-  """Dense layers with a nonlinearity between them (none after the last)."""
+  """Dense layers with a nonlinearity between them (none after the last).
+
+  `final_bias` initialises the last layer's bias (e.g. to the mean rating).
+  """
 
   widths: tuple[int, ...]
   activation: str = "gelu"
   final_activation: bool = False
+  final_bias: float = 0.0
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -91,8 +95,10 @@ class MLP(nn.Module):
       x = nn.Dense(w, dtype=self.dtype, param_dtype=jnp.float32, name=f"dense_{i}",
                    kernel_init=nn.with_logical_partitioning(
                        nn.initializers.lecun_normal(), ("embed", "mlp")),
-                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
-                                                          ("mlp",)))(x)
+                   bias_init=nn.with_logical_partitioning(
+                       nn.initializers.constant(self.final_bias)
+                       if i == len(self.widths) - 1 else nn.initializers.zeros,
+                       ("mlp",)))(x)
       if i < len(self.widths) - 1 or self.final_activation:
         x = getattr(nn, self.activation)(x)
     return x

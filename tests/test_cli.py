@@ -1,0 +1,133 @@
+"""Gin files, command lines, bad-input messages, the report and the demo."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import gin
+import pytest
+
+from levi_jax import gin_utils, report, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIN_DIR = os.path.join(ROOT, "gin")
+GIN_FILES = sorted(os.path.relpath(p, GIN_DIR)
+                   for p in glob.glob(os.path.join(GIN_DIR, "**", "*.gin"), recursive=True))
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+@pytest.mark.parametrize("name", GIN_FILES)
+def test_every_gin_file_parses(name):
+  """Each file parses on top of the run defaults and builds valid configs."""
+  files = [name] if name.startswith("runs/") or name.startswith("experiments/") else [
+      "runs/train.gin", name]
+  bindings = ["MODEL_DIR = '/tmp/unused'", "CHECKPOINT_PATH = '/tmp/unused'"]
+  gin_utils.parse(files, bindings, gin_utils.GIN_SEARCH_PATHS)
+  if "PRETRAINED" in gin.config_str():
+    return  # a pretrained backbone preset (built lazily by its loader)
+  for cls in (trainer.ModelConfig, trainer.DataConfig, trainer.LoopConfig):
+    assert isinstance(gin.get_configurable(cls)(), cls)
+
+
+def test_gin_flags_are_rewritten():
+  assert gin_utils.rewrite_gin_args(["prog", "--gin.TRAIN_STEPS=5", "--gin_file=a.gin"]) == [
+      "prog", "--gin_bindings=TRAIN_STEPS=5", "--gin_file=a.gin"]
+  with pytest.raises(ValueError, match="has no value"):
+    gin_utils.rewrite_gin_args(["--gin.TRAIN_STEPS"])
+
+
+def test_unknown_binding_is_named():
+  with pytest.raises(ValueError, match=r"bad gin binding 'trainer.ModelConfig.tapz = \(1,\)'"):
+    gin_utils.parse(["runs/train.gin"], ["MODEL_DIR='/x'", "trainer.ModelConfig.tapz = (1,)"],
+                    gin_utils.GIN_SEARCH_PATHS)
+
+
+def test_missing_required_binding_is_named():
+  with pytest.raises(ValueError, match="MODEL_DIR"):
+    gin_utils.parse(["runs/train.gin"], [], gin_utils.GIN_SEARCH_PATHS)
+
+
+def test_missing_gin_file_is_named():
+  with pytest.raises(FileNotFoundError, match="gin file 'runs/nope.gin' not found"):
+    gin_utils.parse(["runs/nope.gin"], [], gin_utils.GIN_SEARCH_PATHS)
+
+
+def test_bad_config_values_are_named():
+  with pytest.raises(ValueError, match="unknown method 'levy'.*did you mean levi"):
+    trainer.ModelConfig(method="levy")
+  with pytest.raises(ValueError, match="unknown preset 't5_1_1_huge'"):
+    trainer.ModelConfig(backbone="t5_1_1_huge")
+
+
+def test_unknown_task_lists_close_matches(tmp_path):
+  with pytest.raises(ValueError, match=r"movielens_100k\.gender_m_to_f"):
+    trainer.train(str(tmp_path), data=trainer.DataConfig(task="movielens_100k.gender_m_to_x"))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def _results(tmp_path, name, method, ood):
+  d = tmp_path / name
+  d.mkdir()
+  r = {"method": method, "task": "t", "params_trained": 10, "params_total": 100,
+       "wall_time_s": 2.0, "train_time_s": 1.0, "examples_per_s": 50.0,
+       "metrics": {"id_test": {"rmse": 0.9}, "ood_test": {"rmse": ood}}}
+  (d / "results.json").write_text(json.dumps(r))
+
+
+def test_report_table_and_chart(tmp_path):
+  _results(tmp_path, "a", "levi", 1.1)
+  _results(tmp_path, "b", "ft", 1.3)
+  report.main([str(tmp_path), "--out", str(tmp_path / "rep")])
+  md = (tmp_path / "rep" / "results.md").read_text()
+  assert "| levi | t | - | 0.9000 | 1.1000 | 10 / 100 |" in md
+  assert "| ft | t | - | 0.9000 | 1.3000 |" in md
+  assert (tmp_path / "rep" / "results.png").stat().st_size > 1000
+  with pytest.raises(FileNotFoundError, match="no results.json"):
+    report.find_results([str(tmp_path / "rep")])
+
+
+def _cli(*args, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, timeout=timeout,
+                        capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_train_then_eval_command_lines(tmp_path):
+  """The README's commands: train, then evaluate the checkpoint it wrote."""
+  common = ["--gin_file=runs/train.gin", "--gin_file=methods/levi.gin",
+            "--gin.TRAIN_STEPS=6", "--gin.BATCH_SIZE=16", "--gin.SEQ_LENGTH=24"]
+  out = _cli("levi_jax.train", *common, f"--gin.MODEL_DIR='{tmp_path}'")
+  assert out.returncode == 0, out.stderr[-3000:]
+  trained = json.load(open(tmp_path / "results.json"))
+  assert (tmp_path / "config.gin").exists() and (tmp_path / "operative_config.gin").exists()
+  assert "trainer.LoopConfig.num_steps = 6" in (tmp_path / "config.gin").read_text() or \
+      "TRAIN_STEPS = 6" in (tmp_path / "config.gin").read_text()
+  ev = _cli("levi_jax.eval", "--gin_file=runs/eval.gin", *common[1:],
+            f"--gin.CHECKPOINT_PATH='{tmp_path}/checkpoints/6'")
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  evaluated = json.load(open(tmp_path / "eval_results.json"))
+  assert evaluated["metrics"] == trained["metrics"]
+  bad = _cli("levi_jax.train", *common, f"--gin.MODEL_DIR='{tmp_path}/x'",
+             "--gin.trainer.ModelConfig.adapter_dimm=3")
+  assert bad.returncode != 0 and "adapter_dimm" in bad.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+  out = _cli("levi_jax.demo", "--out", str(tmp_path), "--methods", "lp,scratch,levi",
+             "--gin", "TRAIN_STEPS=4", "--gin", "BATCH_SIZE=16")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "randomly initialised" in out.stdout
+  md = (tmp_path / "results.md").read_text()
+  for m in ("lp", "scratch", "levi"):
+    assert f"| {m} | movielens_100k.gender_m_to_f |" in md
+  assert (tmp_path / "results.png").exists()
