@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from levi_jax import checkpointing, methods, partitioning, step as step_lib
+from levi_jax import checkpointing, methods, partitioning, step as step_lib, tap_cache
 from levi_jax.checkpointing import CheckpointConfig
 from levi_jax.models import lora as lora_lib
 from levi_jax.models import t5_encoder
@@ -61,6 +61,10 @@ class ModelConfig:
     taps, pooling, adapter_dim, fusion_hidden, aux_heads: LEVI settings.
     lora_rank, lora_alpha: LoRA settings (lora, levi_lora).
     ensemble_member, lp_fraction, wise_alphas: baseline settings.
+    pretrained: a `levi_jax.checkpoints.backbones.PretrainedConfig` (e.g. the
+      packaged all-MiniLM-L6-v2, a Hugging Face BERT/T5 folder, a T5X
+      checkpoint): the backbone module, its weights and the vocabulary that
+      tokenizes `inputs` all come from it, and `backbone` is ignored.
   """
 
   method: str = "levi"
@@ -82,6 +86,7 @@ class ModelConfig:
   ensemble_member: str = "lp"
   lp_fraction: float = 0.5
   wise_alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
+  pretrained: Any = None
 
   def __post_init__(self):
     if self.method not in methods.METHODS:
@@ -110,6 +115,9 @@ class DataConfig:
     validation_fraction: share of the training rows held out for validation
       (checkpoint selection) when the task has no validation split of its own.
     seed: seed of the validation split and of the batch order.
+    tap_cache_dir: where a frozen backbone's pooled taps are cached
+      (`levi_jax.tap_cache`); batches then carry them and the backbone does
+      not run. Empty: off. Methods that train the backbone ignore it.
   """
 
   task: str = "movielens_100k.gender_m_to_f"
@@ -119,6 +127,7 @@ class DataConfig:
   seq_length: int = 64
   validation_fraction: float = 0.1
   seed: int = 0
+  tap_cache_dir: str = ""
 
   def __post_init__(self):
     if self.batch_size < 1 or self.eval_batch_size < 1 or self.seq_length < 1:
@@ -214,16 +223,23 @@ def eval_batches(arrays: Arrays, batch_size: int):
 
 
 def build_method(cfg: ModelConfig, data: TaskData, num_outputs: int = 1,
-                 vocab_size: int | None = None) -> methods.Method:
+                 backbone: nn.Module | None = None) -> methods.Method:
   """The method for `cfg`, sized to the data's features and vocabulary.
+
+  Args:
+    backbone: the encoder module (a pretrained one); default: the T5 preset
+      `cfg.backbone` with `cfg.backbone_overrides`, its vocabulary sized to
+      the data's unless overridden.
 
   Regression heads start at the mean training target.
   """
-  overrides = dict(cfg.backbone_overrides)
-  overrides.setdefault("vocab_size", vocab_size or data.vocab_size)
-  backbone_cfg = t5_encoder.preset(cfg.backbone, dtype=cfg.dtype, **overrides)
-  if backbone_cfg.vocab_size < data.vocab_size:
-    raise ValueError(f"backbone vocab_size {backbone_cfg.vocab_size} is smaller than the "
+  if backbone is None:
+    overrides = dict(cfg.backbone_overrides)
+    overrides.setdefault("vocab_size", data.vocab_size)
+    backbone = t5_encoder.T5Encoder(t5_encoder.preset(cfg.backbone, dtype=cfg.dtype,
+                                                      **overrides))
+  if backbone.config.vocab_size < data.vocab_size:
+    raise ValueError(f"backbone vocab_size {backbone.config.vocab_size} is smaller than the "
                      f"data's token vocabulary ({data.vocab_size})")
   if cfg.task_net == "features":
     task_net = FeatureTower(data.features, embed_dim=cfg.feature_embed_dim,
@@ -233,7 +249,7 @@ def build_method(cfg: ModelConfig, data: TaskData, num_outputs: int = 1,
                           num_layers=cfg.token_layers, out_dim=cfg.task_hidden[-1],
                           dtype=cfg.dtype)
   return methods.make_method(
-      cfg.method, backbone=t5_encoder.T5Encoder(backbone_cfg), task_net=task_net,
+      cfg.method, backbone=backbone, task_net=task_net,
       taps=cfg.taps, pooling=cfg.pooling, adapter_dim=cfg.adapter_dim,
       fusion_hidden=cfg.fusion_hidden, num_outputs=num_outputs, aux_heads=cfg.aux_heads,
       lora=lora_lib.LoraConfig(cfg.lora_rank, cfg.lora_alpha),
@@ -356,9 +372,15 @@ def train(
   rules = partitioning.rules_for(mesh)
   replicated = jax.sharding.NamedSharding(device_mesh, jax.sharding.PartitionSpec())
 
+  # --- Pretrained backbone (module, weights, vocabulary) ------------------------
+  pretrained = None
+  if model.pretrained is not None:
+    from levi_jax.checkpoints import backbones
+    pretrained = backbones.load_pretrained(model.pretrained)
+
   # --- Data -------------------------------------------------------------------
   if task_data is None:
-    task_data = load_task_data(data)
+    task_data = load_task_data(data, pretrained.vocabulary_file if pretrained else None)
   if "validation" in task_data.evals:
     train_rows, evals = task_data.train, dict(task_data.evals)
   else:
@@ -380,7 +402,8 @@ def train(
 
   # --- Model ------------------------------------------------------------------
   num_outputs = 1 if loss.task == "regression" else int(task_data.train["targets"].max()) + 1
-  method = build_method(model, task_data, num_outputs)
+  method = build_method(model, task_data, num_outputs,
+                        pretrained.module if pretrained else None)
   fingerprint = checkpointing.config_fingerprint(
       {"model": dataclasses.asdict(model), "features": [dataclasses.asdict(f) for f in
                                                         task_data.features],
@@ -388,17 +411,23 @@ def train(
   rng = jax.random.PRNGKey(loop.seed)
   init_rng, dropout_rng = jax.random.split(rng)
   bounds = stage_bounds(method, loop.num_steps)
-  frozen_source = (f"initial checkpoint {initial_checkpoint_path}" if initial_checkpoint_path
-                   else f"a fresh init with seed {loop.seed}")
+  if pretrained is not None:
+    frozen_source = f"pretrained backbone {pretrained.source}"
+  elif initial_checkpoint_path:
+    frozen_source = f"initial checkpoint {initial_checkpoint_path}"
+  else:
+    frozen_source = f"a fresh init with seed {loop.seed}"
 
   def init_params():
     return method.init(init_rng, example)
 
   def load_initial(params):
-    if not initial_checkpoint_path:
-      return params
-    from levi_jax import pretrained
-    return pretrained.load_backbone(initial_checkpoint_path, params)
+    from levi_jax import pretrained as pretrained_lib
+    if pretrained is not None:
+      return pretrained_lib.put_backbone(params, pretrained.params)
+    if initial_checkpoint_path:
+      return pretrained_lib.load_backbone(initial_checkpoint_path, params)
+    return params
 
   # --- Checkpoints and resume ---------------------------------------------------
   ckpt = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoints"), checkpoint)
@@ -432,6 +461,13 @@ def train(
   with jax.set_mesh(device_mesh):
     params, param_shardings = partitioning.sharded_init(init_params, device_mesh, rules)
     params = jax.device_put(load_initial(params), param_shardings)
+    tap_stats = None
+    if data.tap_cache_dir:
+      splits, tap_stats = tap_cache.attach(
+          data.tap_cache_dir, data.task, method, params, {"train": train_rows, **evals},
+          device_mesh, rules, data.eval_batch_size)
+      train_rows = splits.pop("train")
+      evals = splits
     batch_sharding = partitioning.batch_sharding(device_mesh)
     eval_step = jax.jit(with_rules(step_lib.make_eval_step(method, loss)),
                         in_shardings=(param_shardings, batch_sharding),
@@ -570,6 +606,8 @@ def train(
   }
   if wise:
     results["wise_ft"] = wise
+  if tap_stats:
+    results["tap_cache"] = tap_stats
   if jax.process_index() == 0:
     name = "eval_results.json" if eval_only else "results.json"
     with open(os.path.join(model_dir, name), "w") as f:
@@ -577,20 +615,40 @@ def train(
   return results
 
 
-def load_task_data(cfg: DataConfig) -> TaskData:
+def load_task_data(cfg: DataConfig, vocabulary_file: str | None = None) -> TaskData:
   """Loads a registered task's splits into memory (see `levi_jax.data.pipeline`).
 
   An empty `data_dir` means `LEVI_DATA_DIR`, else the embedded synthetic world.
+
+  Args:
+    cfg: the data config.
+    vocabulary_file: tokenize `inputs` with this vocabulary instead of the
+      task's own: a SentencePiece model, or a WordPiece `vocab.txt` (BERT).
   """
   from levi_jax.data import pipeline
   task = pipeline.prepare(cfg.task, cfg.data_dir or None)
-  arrays = {split: dict(pipeline.load_split_arrays(cfg.task, split, task.data_dir,
-                                                   inputs_length=cfg.seq_length))
-            for split in task.splits}
-  vocab = pipeline.vocabulary_path(cfg.task, task.data_dir)
+  wordpiece = vocabulary_file is not None and vocabulary_file.endswith(".txt")
+  spm_path = None if wordpiece else vocabulary_file
+  arrays = {}
+  if wordpiece:
+    from levi_jax.checkpoints.wordpiece import WordPieceVocabulary
+    wordpieces = WordPieceVocabulary(vocabulary_file)
+  for split in task.splits:
+    if wordpiece:
+      src = task.source_arrays(split)
+      src["inputs"] = wordpieces.encode_padded(src["inputs"], cfg.seq_length)
+      arrays[split] = src
+    else:
+      arrays[split] = dict(pipeline.load_split_arrays(
+          cfg.task, split, task.data_dir, inputs_length=cfg.seq_length, vocab_path=spm_path))
+  if wordpiece:
+    with open(vocabulary_file, encoding="utf-8") as f:
+      vocab_size = sum(1 for _ in f)
+  else:
+    vocab_size = pipeline.vocabulary_size(
+        pipeline.vocabulary_path(cfg.task, task.data_dir, spm_path))
   return TaskData(train=arrays.pop("train"), evals=arrays,
-                  features=tuple(task.feature_specs),
-                  vocab_size=pipeline.vocabulary_size(vocab))
+                  features=tuple(task.feature_specs), vocab_size=vocab_size)
 
 
 def make_train_fn(**kwargs) -> Callable[..., dict]:

@@ -23,11 +23,11 @@ from trainer_fixtures import task_data  # noqa: E402
 SMALL = dict(adapter_dim=16, fusion_hidden=(16,), task_hidden=(16,))
 
 
-def run(model_dir, method="levi", steps=12, lr=3e-3, **kw):
+def run(model_dir, method="levi", steps=12, lr=3e-3, model_kw=None, **kw):
   kw.setdefault("checkpoint", CheckpointConfig(every_steps=steps, async_save=False))
   kw.setdefault("task_data", task_data())
   return trainer.train(
-      str(model_dir), model=trainer.ModelConfig(method=method, **SMALL),
+      str(model_dir), model=trainer.ModelConfig(method=method, **SMALL, **(model_kw or {})),
       data=trainer.DataConfig(batch_size=16, eval_batch_size=32),
       optimizer=kw.pop("optimizer", OptimizerConfig(learning_rate=lr, schedule="constant")),
       loop=kw.pop("loop", trainer.LoopConfig(num_steps=steps, log_every=4)), **kw)
@@ -133,8 +133,9 @@ def test_initial_checkpoint_shape_mismatch_is_listed(tmp_path):
   params = nn.meta.unbox(other.init(jax.random.PRNGKey(0),
                                     {k: v[:4] for k, v in task_data().train.items()}))
   checkpointing.save_tree(str(tmp_path / "pre"), params["backbone"])
-  with pytest.raises(ValueError, match=r"do not fit the model \(\d+ differences\)"
-                     r"[\s\S]*shape mismatch at token_embedder/embedding: model \(40, 8\), "):
+  with pytest.raises(ValueError, match=r"pre does not match the model:[\s\S]*wrong shape "
+                     r"\(\d+\), checkpoint vs model:[\s\S]*token_embedder/embedding: "
+                     r"\(40, 12\) vs \(40, 8\)"):
     run(tmp_path / "run", "levi", initial_checkpoint_path=str(tmp_path / "pre"))
   assert not (tmp_path / "run" / "checkpoints" / "12").exists()
 
@@ -146,6 +147,44 @@ def test_initial_checkpoint_restores_the_backbone(tmp_path):
   checkpointing.save_tree(str(tmp_path / "pre"), params["backbone"])
   results = run(tmp_path / "run", "levi", initial_checkpoint_path=str(tmp_path / "pre"))
   assert results["frozen_hash"] == checkpointing.tree_hash({"backbone": params["backbone"]})
+
+
+@pytest.mark.parametrize("fixture", ["t5x_legacy_f32", "t5x_orbax"])
+def test_t5x_checkpoint_as_initial_checkpoint(tmp_path, fixture):
+  """INITIAL_CHECKPOINT_PATH takes a checkpoint T5X wrote; the backbone is its encoder."""
+  ckpt = os.path.join(os.path.dirname(__file__), "data", "ckpt", "t5x")
+  results = run(tmp_path, "levi", steps=4, model_kw={"backbone_overrides": {"vocab_size": 64}},
+                initial_checkpoint_path=os.path.join(ckpt, fixture))
+  expected = np.load(os.path.join(ckpt, "expected.npz"))
+  from flax import traverse_util
+  want = traverse_util.unflatten_dict(
+      {k[len(fixture) + 1:]: expected[k] for k in expected.files if k.startswith(fixture + "/")},
+      sep="/")
+  assert results["frozen_hash"] == checkpointing.tree_hash({"backbone": want})
+
+
+def test_pretrained_minilm_backbone_trains_frozen(tmp_path):
+  """ModelConfig.pretrained swaps in the packaged MiniLM (module and weights)."""
+  from levi_jax.checkpoints import backbones
+  cfg = backbones.PretrainedConfig(format="minilm_l6")
+  results = run(tmp_path, "levi", steps=4, model_kw={"pretrained": cfg})
+  want = backbones.load_pretrained(cfg).params
+  assert results["frozen_hash"] == checkpointing.tree_hash({"backbone": want})
+  assert results["params_total"] - results["params_trained"] == sum(
+      np.size(x) for x in jax.tree.leaves(want))
+  assert np.isfinite(results["metrics"]["ood_test"]["rmse"])
+
+
+def test_wordpiece_batch_encoding_matches_seqio_encode():
+  from levi_jax.checkpoints import backbones
+  vocab = backbones.load_pretrained(backbones.PretrainedConfig()).vocabulary()
+  texts = ["user: 25-34, female, programmer. movie: Toy Story (1995).",
+           "Señor Déjà Vu (1998). genres: comedy, crime"]
+  got = vocab.encode_padded(texts, 12)
+  for row, text in zip(got, texts):
+    ids = vocab.encode(text)
+    want = (ids[:11] + [vocab.eos_id]) if len(ids) >= 12 else ids + [vocab.eos_id]
+    assert list(row[:len(want)]) == want and not row[len(want):].any()
 
 
 def test_lpft_and_wiseft_two_stages(tmp_path):

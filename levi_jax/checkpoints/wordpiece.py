@@ -17,6 +17,7 @@ import os
 from typing import Iterable, Sequence
 
 import seqio
+import numpy as np
 import tensorflow as tf
 import tensorflow_text as tf_text
 
@@ -77,6 +78,21 @@ class WordPieceVocabulary(seqio.Vocabulary):
     pieces = self.tokenizer.tokenize(tf.reshape(s, [1])).merge_dims(1, -1)[0]
     cls = tf.constant([self._cls], tf.int64)
     return tf.cast(tf.concat([cls, pieces], 0), tf.int32)
+
+  def encode_padded(self, texts: Sequence[str], length: int) -> np.ndarray:
+    """int32 [n, length]: [CLS] pieces truncated to fit, [SEP], padded with 0.
+
+    The batch form of `encode` followed by seqio's EOS append and padding
+    (what the feature converter does), for the numpy data path.
+    """
+    if length < 3:
+      raise ValueError(f"length must be >= 3 ([CLS] piece [SEP]), got {length}")
+    pieces = self.tokenizer.tokenize(tf.constant(list(texts))).merge_dims(1, -1)
+    out = np.zeros((len(texts), length), np.int32)
+    for r, ids in enumerate(pieces.to_list()):
+      ids = [self._cls] + ids[:length - 2] + [self._sep]
+      out[r, :len(ids)] = ids
+    return out
 
   def _encode(self, s: str) -> Sequence[int]:
     return self._encode_tf(tf.constant(s)).numpy().tolist()
