@@ -233,8 +233,8 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
   return {k: one(v) for k, v in local.items()}
 
 
-def _traced_under(fn: Callable, mesh: Mesh, rules) -> Callable:
-  """`fn` traced with the logical rules and the mesh in context.
+def with_logical_rules(fn: Callable, mesh: Mesh, rules) -> Callable:
+  """`fn`, traced with the logical rules and the mesh in context (then `jax.jit` it).
 
   Flax's `nn.with_logical_constraint` is a no-op unless both are set while
   tracing; entering them inside the jitted function makes the constraints
@@ -258,7 +258,7 @@ def jit_train_step(train_step: Callable, state_shardings: Any, mesh: Mesh,
   replicated. Activations follow their logical constraints under `rules`.
   """
   replicated = NamedSharding(mesh, P())
-  return jax.jit(_traced_under(train_step, mesh, rules),
+  return jax.jit(with_logical_rules(train_step, mesh, rules),
                  in_shardings=(state_shardings, batch_sharding(mesh), replicated),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
 
@@ -272,6 +272,6 @@ def jit_eval_step(eval_step: Callable, param_shardings: Any, mesh: Mesh,
   replicated.
   """
   replicated = NamedSharding(mesh, P())
-  return jax.jit(_traced_under(eval_step, mesh, rules),
+  return jax.jit(with_logical_rules(eval_step, mesh, rules),
                  in_shardings=(param_shardings, batch_sharding(mesh)),
                  out_shardings=replicated)
