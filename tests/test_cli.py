@@ -2,6 +2,7 @@
 
 import glob
 import json
+import re
 import os
 import subprocess
 import sys
@@ -129,3 +130,17 @@ def test_demo_runs_end_to_end(tmp_path):
   for m in ("lp", "scratch", "levi"):
     assert f"| {m} | movielens_100k.gender_m_to_f |" in md
   assert (tmp_path / "results.png").exists()
+
+
+def test_readme_python_example_runs(capsys):
+  """The README's Python example runs as written and takes a finite step."""
+  text = open(os.path.join(ROOT, "README.md")).read()
+  code = text.split("```python\n", 1)[1].split("```", 1)[0]
+  exec(compile(code, "README.md", "exec"), {})
+  assert float(capsys.readouterr().out.strip().splitlines()[-1]) > 0
+
+
+def test_readme_gin_files_exist():
+  text = open(os.path.join(ROOT, "README.md")).read()
+  for name in set(re.findall(r"--gin_file=([\w/]+\.gin)", text)):
+    assert os.path.isfile(os.path.join(GIN_DIR, name)), name
