@@ -1,0 +1,189 @@
+"""Cached pooled backbone taps: run a frozen backbone once per split, not every step.
+
+A frozen backbone's pooled taps (`LeviModel.pooled_taps`) depend on the
+example only, so for methods whose backbone is frozen for the whole run
+(`levi`, `lp`, `ensemble` with its LP member) they can be computed once per
+split and read from the batch (`models.levi.CACHED_TAPS`) in every step,
+evaluation, method variant and seed. Training on cached taps follows the same
+trajectory as running the backbone (tests/test_tap_cache.py).
+
+Entries are `.npz` files under `cache_dir/<task>/`, named by a key over
+everything the taps depend on: the task and split, the split's `inputs`
+(content hash, so the sequence length and any change in the data count),
+the backbone's weights (`checkpointing.tree_hash`) and architecture, the
+resolved tap set and the pooling. A change in any of them gives a new key,
+so a stale entry is never read (it can be deleted at will). Taps are computed
+batch-sharded over the mesh's `data` axis, each process feeding its rows (as
+the evaluation does); the cache folder must be visible to every process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from levi_jax import checkpointing, methods, partitioning
+from levi_jax.models.levi import CACHED_TAPS, EnsembleModel, LeviModel, resolve_taps
+
+log = logging.getLogger("levi_jax")
+Arrays = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class TapSource:
+  """The part of a method that reads taps: its module and backbone params path."""
+
+  module: LeviModel
+  prefix: str  # '/'-joined path of the LeviModel's params ("" at the root)
+
+
+def tap_source(method: methods.Method) -> tuple[TapSource | None, str]:
+  """Where a method reads backbone taps, or (None, why its taps can't be cached).
+
+  Cacheable: one training stage that freezes every backbone, no LoRA, no
+  backbone dropout, and a single module with backbone taps.
+  """
+  if method.lora is not None:
+    return None, "LoRA changes the backbone"
+  if len(method.stages) != 1:
+    return None, "the backbone trains in a later stage"
+  root = method.module
+  members = root.members if isinstance(root, EnsembleModel) else (root,)
+  readers = [(m, f"members_{i}" if isinstance(root, EnsembleModel) else "")
+             for i, m in enumerate(members)
+             if isinstance(m, LeviModel) and m.backbone is not None and m.taps]
+  if len(readers) != 1:
+    return None, "no single module reads backbone taps"
+  module, prefix = readers[0]
+  backbone = "/".join(p for p in (prefix, methods.BACKBONE) if p)
+  if not methods.is_frozen(backbone, method.stages[0].frozen):
+    return None, "the backbone trains"
+  if getattr(module.backbone.config, "dropout_rate", 0.0):
+    return None, "the backbone applies dropout in training"
+  return TapSource(module, prefix), ""
+
+
+def backbone_params(source: TapSource, params: Mapping[str, Any]) -> dict:
+  """The backbone subtree of a method's params."""
+  tree = dict(params)
+  for part in filter(None, source.prefix.split("/")):
+    tree = dict(tree[part])
+  return tree[methods.BACKBONE]
+
+
+def cache_key(task: str, split: str, inputs: np.ndarray, backbone_hash: str,
+              source: TapSource) -> dict[str, Any]:
+  """What the taps of one split depend on (hashed into the entry's name)."""
+  inputs = np.ascontiguousarray(inputs)
+  cfg = source.module.backbone.config
+  return {
+      "task": task, "split": split, "rows": int(inputs.shape[0]),
+      "inputs_sha256": hashlib.sha256(
+          f"{inputs.dtype}{inputs.shape}".encode() + inputs.tobytes()).hexdigest(),
+      "backbone_sha256": backbone_hash,
+      "backbone": {k: str(v) for k, v in sorted(vars(cfg).items())},
+      "taps": [str(t) for t in resolve_taps(source.module.taps, cfg.num_layers)],
+      "pooling": source.module.pooling,
+  }
+
+
+def entry_path(cache_dir: str, key: Mapping[str, Any]) -> str:
+  """The `.npz` file of a key."""
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+  task = key["task"].replace("/", "_") or "task"
+  return os.path.join(cache_dir, task, f"{key['split']}-{digest}.npz")
+
+
+def compute_taps(source: TapSource, backbone: Any, inputs: np.ndarray, mesh: jax.sharding.Mesh,
+                 rules, batch_size: int) -> np.ndarray:
+  """Pooled taps `[rows, num_taps, embed]` (float32) of `inputs`, batch-sharded."""
+  module = source.module
+
+  def fn(bb, batch):
+    with nn.logical_axis_rules(rules):
+      return module.apply({"params": {methods.BACKBONE: bb}}, batch,
+                          method=LeviModel.pooled_taps)
+
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  taps_fn = jax.jit(fn, in_shardings=(None, partitioning.batch_sharding(mesh)),
+                    out_shardings=replicated)
+  n = len(inputs)
+  rows = partitioning.process_batch_slice(batch_size, mesh)
+  out = []
+  for start in range(0, n, batch_size):
+    idx = np.minimum(np.arange(start, start + batch_size), n - 1)  # pad with the last row
+    batch = partitioning.global_batch({"inputs": inputs[idx][rows]}, mesh)
+    out.append(np.asarray(jax.device_get(taps_fn(backbone, batch)), np.float32))
+  return np.concatenate(out)[:n] if out else np.zeros((0, 0, 0), np.float32)
+
+
+def _everyone_has(path: str) -> bool:
+  have = np.asarray([os.path.isfile(path)])
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    have = multihost_utils.process_allgather(have)
+  return bool(np.all(have))
+
+
+def load_or_compute(cache_dir: str, key: Mapping[str, Any], compute) -> tuple[np.ndarray, bool]:
+  """The entry of `key` (read, or computed by `compute()` and written); (taps, hit)."""
+  path = entry_path(cache_dir, key)
+  if _everyone_has(path):
+    with np.load(path) as f:
+      if json.loads(str(f["key"])) == dict(key):
+        return f["taps"], True
+    log.warning("tap cache entry %s holds another key; recomputing", path)
+  taps = compute()
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    np.savez(tmp, taps=taps, key=json.dumps(dict(key), sort_keys=True))
+    os.replace(tmp, path)
+  return taps, False
+
+
+def attach(cache_dir: str, task: str, method: methods.Method, params: Mapping[str, Any],
+           splits: Mapping[str, Arrays], mesh: jax.sharding.Mesh, rules, batch_size: int
+           ) -> tuple[dict[str, Arrays], dict[str, Any]]:
+  """Adds cached pooled taps (`CACHED_TAPS`) to each split, if the method allows.
+
+  Args:
+    cache_dir: the cache folder.
+    task: task name (part of the key; also the entry's subfolder).
+    method: the method being trained.
+    params: its full params (the backbone as it will stay, e.g. pretrained).
+    splits: split name -> arrays with `inputs`.
+    mesh, rules: where to compute and the logical axis rules.
+    batch_size: global batch size of the computation.
+
+  Returns:
+    (splits, each with `CACHED_TAPS` where cacheable, else unchanged;
+     stats: {"used", and "reason" if not, else "hits", "misses", "seconds"}).
+  """
+  source, reason = tap_source(method)
+  if source is None:
+    log.info("tap cache not used for %s: %s", method.name, reason)
+    return dict(splits), {"used": False, "reason": reason}
+  backbone = backbone_params(source, params)
+  backbone_hash = checkpointing.tree_hash(backbone)
+  out, hits, t0 = {}, 0, time.time()
+  for name, arrays in splits.items():
+    key = cache_key(task, name, arrays["inputs"], backbone_hash, source)
+    taps, hit = load_or_compute(cache_dir, key, lambda a=arrays: compute_taps(
+        source, backbone, a["inputs"], mesh, rules, batch_size))
+    hits += hit
+    out[name] = {**arrays, CACHED_TAPS: taps}
+  stats = {"used": True, "hits": hits, "misses": len(splits) - hits,
+           "seconds": time.time() - t0}
+  log.info("tap cache %s: %d hits, %d computed in %.1fs", cache_dir, hits,
+           stats["misses"], stats["seconds"])
+  return out, stats

@@ -1,0 +1,122 @@
+"""Cached pooled taps: same training trajectory, keyed entries, which methods use them."""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from levi_jax import checkpointing, tap_cache, trainer
+from levi_jax.checkpointing import CheckpointConfig
+from levi_jax.models.levi import CACHED_TAPS
+from levi_jax.optim import OptimizerConfig
+
+sys.path.insert(0, os.path.dirname(__file__))
+from trainer_fixtures import task_data  # noqa: E402
+
+SMALL = dict(adapter_dim=16, fusion_hidden=(16,), task_hidden=(16,))
+
+
+def run(model_dir, method="levi", cache_dir="", steps=8, seed=0, **model_kw):
+  return trainer.train(
+      str(model_dir), model=trainer.ModelConfig(method=method, **{**SMALL, **model_kw}),
+      data=trainer.DataConfig(batch_size=16, eval_batch_size=32, tap_cache_dir=str(cache_dir)),
+      optimizer=OptimizerConfig(learning_rate=3e-3, schedule="constant"),
+      loop=trainer.LoopConfig(num_steps=steps, log_every=1, seed=seed),
+      checkpoint=CheckpointConfig(every_steps=steps, async_save=False), task_data=task_data())
+
+
+def losses(model_dir):
+  with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+    return [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
+
+
+@pytest.mark.parametrize("method", ["levi", "ensemble"])
+def test_cached_taps_follow_the_uncached_trajectory(tmp_path, method):
+  plain = run(tmp_path / "plain", method)
+  cached = run(tmp_path / "cached", method, tmp_path / "cache")
+  assert "tap_cache" not in plain
+  assert cached["tap_cache"]["used"] and cached["tap_cache"]["misses"] == 4  # 4 splits
+  a, b = losses(tmp_path / "plain"), losses(tmp_path / "cached")
+  assert len(a) == 8
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for split in ("validation", "id_test", "ood_test"):
+    np.testing.assert_allclose(plain["metrics"][split]["rmse"],
+                               cached["metrics"][split]["rmse"], rtol=1e-5)
+
+
+def _attach(cache, data, seed=0, **model_kw):
+  method = trainer.build_method(trainer.ModelConfig(method="levi", **{**SMALL, **model_kw}),
+                                data)
+  boxed = method.init(jax.random.PRNGKey(seed), data.train)
+  params = jax.tree.map(lambda x: np.asarray(getattr(x, "value", x)), boxed,
+                        is_leaf=lambda x: hasattr(x, "value"))
+  mesh = jax.make_mesh((1, 1), ("data", "model"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  with jax.set_mesh(mesh):
+    splits, stats = tap_cache.attach(str(cache), "toy", method, params,
+                                     {"train": data.train, **data.evals}, mesh, (),
+                                     batch_size=24)
+  return method, params, splits, stats
+
+
+def test_entries_are_invalidated_by_what_the_taps_depend_on(tmp_path):
+  data = task_data(64)
+  assert _attach(tmp_path, data)[3]["misses"] == 3
+  assert _attach(tmp_path, data)[3]["hits"] == 3
+  # Another tap set, pooling, backbone (init seed) or sequence length: new entries.
+  assert _attach(tmp_path, data, taps=(-1,))[3]["hits"] == 0
+  assert _attach(tmp_path, data, pooling="first")[3]["hits"] == 0
+  assert _attach(tmp_path, data, seed=1)[3]["hits"] == 0
+  longer = trainer.TaskData(
+      {**data.train, "inputs": np.pad(data.train["inputs"], ((0, 0), (0, 2)))},
+      data.evals, data.features, data.vocab_size)
+  assert _attach(tmp_path, longer)[3]["hits"] == 2  # only train's inputs changed
+  assert len(list(tmp_path.rglob("*.npz"))) == 3 * 4 + 1
+  # An entry whose stored key differs (a name collision) is recomputed, not read.
+  first = _attach(tmp_path / "x", data)[2]
+  entry = next((tmp_path / "x").rglob("train-*.npz"))
+  with np.load(entry) as f:
+    np.savez(entry, taps=f["taps"] + 1, key=json.dumps({"other": 1}))
+  _, _, splits, stats = _attach(tmp_path / "x", data)
+  assert stats["hits"] == 2 and stats["misses"] == 1
+  np.testing.assert_array_equal(splits["train"][CACHED_TAPS], first["train"][CACHED_TAPS])
+
+
+def test_which_methods_read_cached_taps(tmp_path):
+  data = task_data()
+  for name, reason in [("levi", ""), ("lp", ""), ("ensemble", ""),
+                       ("ft", "the backbone trains"), ("levi_ft", "the backbone trains"),
+                       ("lpft", "later stage"), ("lora", "LoRA"), ("levi_lora", "LoRA"),
+                       ("scratch", "no single module")]:
+    method = trainer.build_method(trainer.ModelConfig(method=name, **SMALL), data)
+    source, why = tap_source_of(method)
+    assert (source is not None) == (reason == ""), name
+    assert reason in why, (name, why)
+  dropout = trainer.build_method(trainer.ModelConfig(
+      method="levi", backbone_overrides={"dropout_rate": 0.1}, **SMALL), data)
+  assert "dropout" in tap_source_of(dropout)[1]
+  ft = run(tmp_path / "ft", "ft", tmp_path / "cache", steps=2)
+  assert ft["tap_cache"] == {"used": False, "reason": "the backbone trains"}
+  assert not (tmp_path / "cache").exists()
+
+
+def tap_source_of(method):
+  return tap_cache.tap_source(method)
+
+
+def test_attach_adds_taps_the_model_would_compute(tmp_path):
+  data = task_data(64)
+  method, params, splits, stats = _attach(tmp_path, data)
+  taps = splits["train"][CACHED_TAPS]
+  assert taps.shape == (64, 2, 8) and stats["misses"] == 3  # tiny preset: emb 8
+  direct = method.module.apply({"params": params}, data.train,
+                               method=method.module.pooled_taps)
+  np.testing.assert_allclose(taps, direct, rtol=1e-5, atol=1e-6)
+  entry = next(tmp_path.rglob("train-*.npz"))
+  with np.load(entry) as f:
+    key = json.loads(str(f["key"]))
+  assert key["split"] == "train" and key["taps"] == ["0", "1"] and key["pooling"] == "mean"
+  assert key["backbone_sha256"] == checkpointing.tree_hash(params["backbone"])
