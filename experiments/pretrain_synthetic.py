@@ -1,0 +1,220 @@
+"""Pre-trains the demo's small T5 encoder on the synthetic world's pre-training corpus.
+
+    python experiments/pretrain_synthetic.py --out experiments/checkpoints/synthetic_t5_small
+
+The demo has no network, so it cannot download T5 weights. This gives it a
+backbone that is honestly pre-trained and, as the paper's setting requires,
+carries a pre-training bias: the T5 1.1 architecture with the demo's sizes
+(`BACKBONE`, `OVERRIDES`; the fine-tuning world's SentencePiece vocabulary,
+which the corpus shares) is trained end to end (`ft`: backbone, mean-pooled
+final output, linear head) to predict the ratings of `pretrain_corpus.all`,
+where a prestige word in a film's title goes with a higher rating
+(`levi_jax.data.synthetic`, spurious feature (b)). In the fine-tuning world
+the prestige word says nothing about the rating.
+
+Writes into --out an orbax tree `{backbone, head}` (`checkpointing.save_tree`;
+`INITIAL_CHECKPOINT_PATH` reads its backbone) and, next to it,
+`<out>.json`: the command, the configs, the hash of the first batches, the
+logged losses, the final metrics, the backbone's content hash and the
+measured prestige effect (`prestige_effect`). Runs are deterministic: the
+batches are a function of (seed, step) and the init of the seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from levi_jax import checkpointing, trainer
+from levi_jax.checkpointing import CheckpointConfig
+from levi_jax.optim import OptimizerConfig
+from levi_jax.data import synthetic
+
+BACKBONE = "t5_1_1_small"
+OVERRIDES = {"emb_dim": 128, "num_heads": 4, "head_dim": 32, "mlp_dim": 256, "num_layers": 4}
+TASK = "pretrain_corpus.all"
+PROBE_TASK = "movielens_100k.gender_m_to_f"
+SEQ_LENGTH = 48
+PRESTIGE = re.compile(r"movie: (?:The )?(%s) " % "|".join(synthetic.PRESTIGE_WORDS))
+PLAIN_WORD = "Silent"  # a non-prestige title adjective of the world
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+  """What `pretrain` trains.
+
+  Attributes:
+    steps, batch_size, learning_rate, warmup_steps: the optimisation (AdamW,
+      warmup then cosine decay); the first `warmup_steps` steps do not depend
+      on `steps`, so a short rerun retraces the start of a long one.
+    seed: init and batch-order seed.
+    data_dir: the synthetic world ("" = the embedded default).
+    log_every: how often losses are logged (and recorded in the manifest).
+  """
+
+  steps: int = 2000
+  batch_size: int = 64
+  learning_rate: float = 1e-3
+  warmup_steps: int = 100
+  seed: int = 0
+  data_dir: str = ""
+  log_every: int = 5
+
+
+def model_config() -> trainer.ModelConfig:
+  """The probe the backbone is pre-trained in (all of it trains)."""
+  return trainer.ModelConfig(method="ft", backbone=BACKBONE, backbone_overrides=OVERRIDES)
+
+
+def data_config(cfg: PretrainConfig, task: str = TASK) -> trainer.DataConfig:
+  return trainer.DataConfig(task=task, data_dir=cfg.data_dir, batch_size=cfg.batch_size,
+                            seq_length=SEQ_LENGTH, seed=cfg.seed)
+
+
+def batches_digest(data: trainer.TaskData, cfg: PretrainConfig, steps: int = 3) -> str:
+  """sha256 of the first `steps` training batches (what the run starts from)."""
+  rows = (data.train if "validation" in data.evals
+          else trainer.split_validation(data.train, 0.1, cfg.seed)[0])
+  n = len(rows["targets"])
+  h = hashlib.sha256()
+  for s in range(steps):
+    idx = trainer.batch_indices(n, s, cfg.batch_size, cfg.seed)
+    for k in sorted(rows):
+      h.update(k.encode() + np.ascontiguousarray(rows[k][idx]).tobytes())
+  return h.hexdigest()
+
+
+def _restore_params(model_dir: str) -> dict:
+  ckpt = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoints"),
+                                    CheckpointConfig(async_save=False))
+  state = ckpt.restore(ckpt.latest_step(), None)
+  ckpt.close()
+  return jax.device_get(state["params"])
+
+
+def pretrain(out: str, cfg: PretrainConfig = PretrainConfig(), measure: bool = True,
+             command: str | None = None) -> dict[str, Any]:
+  """Pre-trains, writes the checkpoint to `out` and `<out>.json`; returns the manifest."""
+  data = trainer.load_task_data(data_config(cfg))
+  work = tempfile.mkdtemp(prefix="pretrain_")
+  try:
+    results = trainer.train(
+        work, model=model_config(), data=data_config(cfg),
+        optimizer=OptimizerConfig(learning_rate=cfg.learning_rate,
+                                  warmup_steps=cfg.warmup_steps, schedule="cosine"),
+        loop=trainer.LoopConfig(num_steps=cfg.steps, log_every=cfg.log_every, seed=cfg.seed),
+        checkpoint=CheckpointConfig(every_steps=cfg.steps, keep=1, async_save=False),
+        task_data=data)
+    with open(os.path.join(work, "metrics.jsonl")) as f:
+      losses = [(r["step"], r["train/loss"]) for r in map(json.loads, f) if "train/loss" in r]
+    params = _restore_params(work)
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+  tree = {"backbone": params["backbone"], "head": params["head"]}
+  checkpointing.save_tree(out, tree)
+  manifest = {
+      "command": command,
+      "config": dataclasses.asdict(cfg),
+      "task": TASK, "backbone": BACKBONE, "backbone_overrides": OVERRIDES,
+      "seq_length": SEQ_LENGTH, "vocab_size": data.vocab_size,
+      "first_batches_sha256": batches_digest(data, cfg),
+      "losses": losses,
+      "metrics": results["metrics"],
+      "train_time_s": results["train_time_s"],
+      "backbone_sha256": checkpointing.tree_hash(params["backbone"]),
+      "params": trainer.count_params(params["backbone"]),
+  }
+  if measure:
+    manifest["prestige_effect"] = {
+        "finetune_world": prestige_effect(out, PROBE_TASK, cfg.data_dir),
+        "pretrain_corpus": prestige_effect(out, TASK, cfg.data_dir)}
+  with open(out.rstrip("/") + ".json", "w") as f:
+    json.dump(manifest, f, indent=1)
+  return manifest
+
+
+def _predict(method, params, inputs: np.ndarray, batch: int = 512) -> np.ndarray:
+  fn = jax.jit(lambda p, x: method.apply(p, {"inputs": x})["prediction"][:, 0])
+  out = []
+  for s in range(0, len(inputs), batch):
+    chunk = inputs[s:s + batch]
+    pad = batch - len(chunk)
+    out.append(np.asarray(fn(params, np.pad(chunk, ((0, pad), (0, 0)))))[:len(chunk)])
+  return np.concatenate(out)
+
+
+def prestige_effect(path: str, task: str = PROBE_TASK, data_dir: str = "",
+                    max_rows: int | None = None) -> dict[str, float]:
+  """How much the pre-trained probe at `path` rates prestige titles up.
+
+  Over the rows of `task` (its train and test splits; the first `max_rows`):
+  `observed`: mean prediction on prestige-title rows minus the rest;
+  `true`: the same difference of the actual ratings; `counterfactual`: the
+  mean change in prediction when each prestige word is replaced by a plain
+  adjective (same rows, only that word differs).
+  """
+  from levi_jax.data import pipeline
+  prepared = pipeline.prepare(task, data_dir or None)
+  vocab = pipeline.vocabulary_path(task, prepared.data_dir)
+  texts, targets = [], []
+  for split in prepared.splits:
+    src = prepared.source_arrays(split)
+    texts += src["inputs"]
+    targets.append(src["targets"])
+  targets = np.concatenate(targets)
+  if max_rows:
+    texts, targets = texts[:max_rows], targets[:max_rows]
+  prestige = np.array([bool(PRESTIGE.search(t)) for t in texts])
+  swapped = [PRESTIGE.sub(lambda m: m.group(0).replace(m.group(1), PLAIN_WORD), t)
+             for t in texts]
+  tree = checkpointing.restore_tree(path)
+  method = trainer.build_method(model_config(), trainer.TaskData(
+      {"targets": targets}, {}, (), pipeline.vocabulary_size(vocab)))
+  params = jax.device_put({"backbone": tree["backbone"], "head": tree["head"]})
+  pred = _predict(method, params, pipeline.tokenize(texts, vocab, SEQ_LENGTH))
+  pred_swapped = _predict(method, params, pipeline.tokenize(swapped, vocab, SEQ_LENGTH))
+  return {"rows": int(len(texts)), "prestige_rows": int(prestige.sum()),
+          "observed": float(pred[prestige].mean() - pred[~prestige].mean()),
+          "true": float(targets[prestige].mean() - targets[~prestige].mean()),
+          "counterfactual": float((pred - pred_swapped)[prestige].mean())}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--out", required=True, help="checkpoint folder to write (and <out>.json)")
+  defaults = PretrainConfig()
+  for f in dataclasses.fields(PretrainConfig):
+    p.add_argument(f"--{f.name}", type=type(getattr(defaults, f.name)),
+                   default=getattr(defaults, f.name))
+  p.add_argument("--no_measure", action="store_true", help="skip the prestige measurement")
+  args = p.parse_args(argv)
+  cfg = PretrainConfig(**{f.name: getattr(args, f.name)
+                          for f in dataclasses.fields(PretrainConfig)})
+  command = "python experiments/pretrain_synthetic.py " + " ".join(
+      shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+  t0 = time.time()
+  manifest = pretrain(args.out, cfg, measure=not args.no_measure, command=command)
+  m = manifest["metrics"]
+  print(f"pre-trained {manifest['params']:,} backbone params in {time.time() - t0:.0f}s; "
+        f"validation RMSE {m['validation']['rmse']:.4f}, id_test {m['id_test']['rmse']:.4f}")
+  for where, e in manifest.get("prestige_effect", {}).items():
+    print(f"prestige effect ({where}): observed {e['observed']:+.3f}, true {e['true']:+.3f}, "
+          f"counterfactual {e['counterfactual']:+.3f} stars")
+  print(f"wrote {args.out} and {args.out.rstrip('/')}.json")
+
+
+if __name__ == "__main__":
+  main()
