@@ -15,17 +15,20 @@ sequence length (synthetic tokens and ids: no TensorFlow, seqio or gin):
   (`forward_flops`) and by XLA's cost analysis, and the FLOP/s it achieves as
   a fraction of a large matrix product's, measured in the same run;
 * memory: XLA's plan of each compiled step (arguments + outputs + temporaries
-  - donated), the device's peak where it reports one (cumulative over the
-  run), and on CPU the process RSS sampled while the steps run.
+  - donated buffers), the process RSS sampled while each step runs (every
+  method's state is resident throughout), and the device allocator's peak
+  over the whole run where the device reports one (GPU, TPU).
 
 Every timing is kept raw in the JSON; reported figures are medians of
-`--steps` runs after `--warmup` runs (compilation is timed apart).
+`--steps` timed rounds after `--warmup` rounds. A round runs every item
+once (matmuls, backbone forward, each method's step), so background load on
+a shared machine hits them alike; compilation is timed apart.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -159,16 +162,35 @@ def _median(xs) -> float:
   return float(statistics.median(xs))
 
 
-def time_calls(call: Callable[[], Any], steps: int, warmup: int) -> tuple[list[float], Any]:
-  """Seconds per call (each waited for) after `warmup` untimed calls, and the last result."""
+@dataclasses.dataclass
+class Timed:
+  """A compiled call to time, and what is reported about it."""
+
+  name: str
+  call: Callable[[], Any]
+  info: dict[str, Any]
+  times: list[float] = dataclasses.field(default_factory=list)
+  rss_peak: int = 0
+  last: Any = None
+
+
+def measure(items: list[Timed], steps: int, warmup: int):
+  """Times every item `steps` times, round-robin, after `warmup` untimed rounds.
+
+  Interleaving puts every item under the same background load (a shared
+  machine's noise hits all methods alike instead of whichever ran last).
+  Each call is waited for; the process RSS is sampled during each.
+  """
   for _ in range(warmup):
-    jax.block_until_ready(call())
-  times = []
+    for item in items:
+      jax.block_until_ready(item.call())
   for _ in range(steps):
-    t = time.perf_counter()
-    out = jax.block_until_ready(call())
-    times.append(time.perf_counter() - t)
-  return times, out
+    for item in items:
+      with RssSampler() as rss:
+        t = time.perf_counter()
+        item.last = jax.block_until_ready(item.call())
+        item.times.append(time.perf_counter() - t)
+      item.rss_peak = max(item.rss_peak, rss.peak)
 
 
 def _rss_bytes() -> int:
@@ -231,16 +253,14 @@ def xla_flops(compiled) -> float | None:
   return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def matmul_peak(dtype: str, size: int, steps: int, warmup: int) -> dict[str, Any]:
-  """FLOP/s of one large square matrix product in `dtype`."""
+def matmul(dtype: str, size: int) -> Timed:
+  """One large square matrix product in `dtype` (the peak to compare against)."""
   k1, k2 = jax.random.split(jax.random.PRNGKey(0))
   a = jax.random.normal(k1, (size, size), dtype)
   b = jax.random.normal(k2, (size, size), dtype)
   compiled = jax.jit(jnp.matmul).lower(a, b).compile()
-  times, _ = time_calls(lambda: compiled(a, b), steps, warmup)
-  flops = 2 * size ** 3
-  return {"size": size, "flops": flops, "times_s": times, "median_s": _median(times),
-          "flops_per_s": flops / _median(times)}
+  return Timed(f"matmul_{dtype}_{size}", lambda: compiled(a, b),
+               {"dtype": dtype, "size": size, "flops": 2 * size ** 3})
 
 
 class Bench:
@@ -272,8 +292,8 @@ class Bench:
       return step.TrainState.create(trainable, frozen, self.optimizer)
     return partitioning.sharded_init(init, self.mesh, self.rules)
 
-  def backbone_forward(self) -> dict[str, Any]:
-    """The pooled taps LEVI reads (the whole backbone runs), timed and counted."""
+  def backbone_forward(self) -> Timed:
+    """The pooled taps LEVI reads (the whole backbone runs), counted analytically and by XLA."""
     method = self.method("levi")
     state, shardings = self.state(method)
     params = methods.combine(state.params, state.frozen)
@@ -286,22 +306,18 @@ class Bench:
     t = time.perf_counter()
     compiled = fn.lower(params, batch).compile()
     compile_s = time.perf_counter() - t
-    times, taps_out = time_calls(lambda: compiled(params, batch), self.args.steps,
-                                 self.args.warmup)
-    analytic = forward_flops(self.cfg, self.args.batch, self.args.length)
-    self.cached_taps = np.asarray(taps_out)
-    return {"analytic_flops": analytic, "xla_flops": xla_flops(compiled),
-            "compile_s": compile_s, "times_s": times, "median_s": _median(times),
-            "achieved_flops_per_s": analytic / _median(times),
-            "memory": {"xla": xla_memory(compiled)}}
+    return Timed("backbone_forward", lambda: compiled(params, batch), {
+        "analytic_flops": forward_flops(self.cfg, self.args.batch, self.args.length),
+        "xla_flops": xla_flops(compiled), "compile_s": compile_s,
+        "memory": {"xla": xla_memory(compiled)}})
 
-  def train_step(self, name: str) -> dict[str, Any]:
-    """Compiles and times one method's sharded, donated train step."""
+  def train_step(self, name: str, cached_taps: np.ndarray | None) -> Timed:
+    """One method's sharded, donated train step, compiled."""
     method = self.method(name)
     state, shardings = self.state(method)
     host = dict(self.host_batch)
     if name == "levi_cached":
-      host[CACHED_TAPS] = self.cached_taps
+      host[CACHED_TAPS] = cached_taps
     batch = partitioning.global_batch(host, self.mesh)
     train_step = step.make_train_step(method, self.optimizer, step.LossConfig())
     jitted = partitioning.jit_train_step(train_step, shardings, self.mesh, self.rules)
@@ -316,52 +332,65 @@ class Bench:
       return metrics
 
     count = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))
-    with RssSampler() as rss:
-      times, metrics = time_calls(call, self.args.steps, self.args.warmup)
-    loss = float(metrics["loss"])
-    del holder
-    gc.collect()
-    flops = xla_flops(compiled)
-    return {"method": _METHOD_OF[name], "compile_s": compile_s, "times_s": times,
-            "median_s": _median(times), "examples_per_s": self.args.batch / _median(times),
-            "xla_flops": flops,
-            "achieved_flops_per_s": flops / _median(times) if flops else None,
-            "trainable_params": count(state.params), "frozen_params": count(state.frozen),
-            "final_loss": loss,
-            "memory": {"xla": xla_memory(compiled), "device": device_memory(),
-                       "rss_before_bytes": rss.start, "rss_peak_bytes": rss.peak}}
+    return Timed(name, call, {
+        "method": _METHOD_OF[name], "compile_s": compile_s, "xla_flops": xla_flops(compiled),
+        "trainable_params": count(state.params), "frozen_params": count(state.frozen),
+        "memory": {"xla": xla_memory(compiled)}})
+
+
+def _summary(item: Timed, batch: int | None = None) -> dict[str, Any]:
+  med = _median(item.times)
+  out = dict(item.info, times_s=item.times, median_s=med)
+  if batch:
+    out["examples_per_s"] = batch / med
+  if "memory" in out:
+    out["memory"] = dict(out["memory"], rss_peak_bytes=item.rss_peak)
+  return out
 
 
 def run(args) -> dict[str, Any]:
   """The whole benchmark; returns what is written to `--out`."""
+  load_before = os.getloadavg()
   bench = Bench(args)
   on_cpu = jax.devices()[0].platform == "cpu"
   sizes = args.matmul_sizes or ((1024, 2048) if on_cpu else (4096, 8192))
-  peaks = {}
-  for dt in dict.fromkeys(("float32", args.dtype)):
-    runs = [matmul_peak(dt, n, args.steps, args.warmup) for n in sizes]
-    best = max(runs, key=lambda r: r["flops_per_s"])
-    peaks[dt] = {"flops_per_s": best["flops_per_s"], "size": best["size"], "runs": runs}
+  matmuls = [matmul(dt, n) for dt in dict.fromkeys(("float32", args.dtype)) for n in sizes]
   backbone = bench.backbone_forward()
-  backbone["fraction_of_matmul_peak"] = (backbone["achieved_flops_per_s"]
-                                         / peaks[args.dtype]["flops_per_s"])
+  cached_taps = np.asarray(backbone.call())
+  steps = [bench.train_step(name, cached_taps) for name in args.methods]
+  measure(matmuls + [backbone] + steps, args.steps, args.warmup)
+
+  peaks = {}
+  for item in matmuls:
+    rate = item.info["flops"] / _median(item.times)
+    runs = peaks.setdefault(item.info["dtype"], {"runs": []})["runs"]
+    runs.append(dict(item.info, times_s=item.times, median_s=_median(item.times),
+                     flops_per_s=rate))
+    if rate > peaks[item.info["dtype"]].get("flops_per_s", 0):
+      peaks[item.info["dtype"]].update(flops_per_s=rate, size=item.info["size"])
+  peak = peaks[args.dtype]["flops_per_s"]
+  fwd = _summary(backbone)
+  fwd["achieved_flops_per_s"] = fwd["analytic_flops"] / fwd["median_s"]
+  fwd["fraction_of_matmul_peak"] = fwd["achieved_flops_per_s"] / peak
   results = {}
-  for name in args.methods:
-    results[name] = bench.train_step(name)
-    results[name]["fraction_of_matmul_peak"] = (
-        results[name]["achieved_flops_per_s"] / peaks[args.dtype]["flops_per_s"]
-        if results[name]["achieved_flops_per_s"] else None)
+  for item in steps:
+    r = results[item.name] = _summary(item, args.batch)
+    r["final_loss"] = float(item.last["loss"])
+    r["achieved_flops_per_s"] = r["xla_flops"] / r["median_s"] if r["xla_flops"] else None
+    r["fraction_of_matmul_peak"] = (r["achieved_flops_per_s"] / peak
+                                    if r["achieved_flops_per_s"] else None)
   ratios = {f"{m}_step_over_ft_step": results[m]["median_s"] / results["ft"]["median_s"]
             for m in results if "ft" in results and m != "ft"}
   return {
-      "machine": machine_info(),
+      "machine": dict(machine_info(), load_average_before=load_before,
+                      load_average_after=os.getloadavg(), device_memory=device_memory()),
       "config": {"preset": args.preset, "backbone": {
           k: str(v) if k == "dtype" else v for k, v in vars(bench.cfg).items()},
                  "batch": args.batch, "length": args.length, "dtype": args.dtype,
                  "steps": args.steps, "warmup": args.warmup, "lora_rank": args.lora_rank,
                  "mesh": dict(bench.mesh.shape), "methods": list(args.methods)},
       "matmul_peak": peaks,
-      "backbone_forward": backbone,
+      "backbone_forward": fwd,
       "train_step": results,
       "ratios": ratios,
       "targets": TARGETS,
