@@ -96,8 +96,8 @@ def run_training(name: str, mesh, rules, inspect: bool = False, save_to: str | N
   """Trains `STEPS` steps of a method on a mesh.
 
   Returns:
-    (arrays, report): the loss per step, the gradients of the first step
-    and the parameters at the end; with `inspect`, the report holds the
+    (arrays, report): the loss per step, the gradients of the first step,
+    the parameters at the end and eval sums with them; with `inspect`, the report holds the
     layout of the fresh state and the constraint counts of the lowered step.
   """
   method = build(name)
@@ -125,6 +125,11 @@ def run_training(name: str, mesh, rules, inspect: bool = False, save_to: str | N
       arrays = {f"grad/{k}": v / 0.1 for k, v in to_host(state.opt_state[0].mu).items()}
   arrays["loss"] = np.asarray(losses)
   arrays.update({f"param/{k}": v for k, v in to_host(state.all_params()).items()})
+  eval_step = partitioning.jit_eval_step(
+      step.make_eval_step(method, step.LossConfig()),
+      methods.combine(shardings.params, shardings.frozen), mesh, rules)
+  sums = eval_step(state.all_params(), batch)
+  arrays.update({f"eval/{k}": np.asarray(v) for k, v in sums.items()})
   if save_to:
     import orbax.checkpoint as ocp
     ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(

@@ -99,10 +99,11 @@ def _assert_same(got: dict, want: dict, prefix: str):
 @pytest.mark.parametrize("name", worker.METHODS)
 @pytest.mark.parametrize("mesh", ["1x8", "2x4", "4x2", "8x1", "2x4_fsdp"])
 def test_mesh_matches_single_device(meshes, reference, mesh, name):
-  """Loss per step, first gradients and final parameters, on 8 devices."""
+  """Loss per step, first gradients, final parameters and eval sums, on 8 devices."""
   arrays, _ = meshes
   want = reference[name]
   assert len(want["loss"]) == worker.STEPS and want["loss"][-1] < want["loss"][0]
+  assert want["eval/weight"] == worker.BATCH and want["eval/sq_err"] > 0
   _assert_same(arrays, want, f"{mesh}/{name}/")
 
 
