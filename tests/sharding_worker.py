@@ -30,7 +30,8 @@ BATCH = 16
 LENGTH = 8
 VOCAB = 64
 FEATS = (CategoricalFeature("user_id", 12), CategoricalFeature("genres", 6, bag_size=3))
-# Every sharded dimension divides 8: heads, joined_kv, mlp and vocab.
+# Every sharded dimension divides 8: heads, joined_kv, mlp and vocab. Dropout
+# is on, so the random bits must not depend on the sharding either.
 CONFIG = t5.T5Config(vocab_size=VOCAB, emb_dim=16, num_heads=8, head_dim=2, num_layers=2,
                      mlp_dim=32, mlp_activations=("gelu", "linear"), dropout_rate=0.1)
 # (data, model, fsdp) meshes of the 8-device run.
@@ -50,12 +51,14 @@ def make_batch(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def build(name: str) -> methods.Method:
+  """The method around the small test backbone and feature tower."""
   return methods.make_method(name, backbone=t5.T5Encoder(CONFIG),
                              task_net=FeatureTower(FEATS, embed_dim=8, hidden=(16,)),
                              adapter_dim=8, fusion_hidden=(8,))
 
 
 def _init_fn(method):
+  """(TrainState initialiser with boxed leaves, its optimizer): plain Adam, no clipping."""
   optimizer = make_optimizer(
       OptimizerConfig(learning_rate=1e-2, schedule="constant", clip_norm=None), 100)
   batch = make_batch()
