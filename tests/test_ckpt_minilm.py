@@ -26,7 +26,7 @@ def minilm():
   gin.parse_config_file(os.path.join(ROOT, "gin", "models", "minilm_l6.gin"))
   try:
     assert gin.query_parameter("backbones.PretrainedConfig.format") == "minilm_l6"
-    backbone = gin.get_configurable(backbones.load_pretrained)()
+    backbone = backbones.load_pretrained(gin.get_configurable(backbones.PretrainedConfig)())
   finally:
     gin.clear_config()
   vocab = backbone.vocabulary()
