@@ -16,24 +16,56 @@ from absl import logging as absl_logging
 from levi_jax import gin_utils, report, trainer
 
 DEMO_METHODS = ("ft", "lp", "scratch", "ensemble", "levi")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Scratch has no backbone, so no backbone weights to load.
+NO_BACKBONE = ("INITIAL_CHECKPOINT_PATH = None", "trainer.ModelConfig.pretrained = None")
+
+
+def resolve_repo_path(path: str | None) -> str | None:
+  """A relative path that does not exist from here, taken from the repository root."""
+  if not path or os.path.isabs(path) or os.path.exists(path):
+    return path
+  candidate = os.path.join(REPO_ROOT, path)
+  return candidate if os.path.exists(candidate) else path
+
+
+def backbone_note() -> str:
+  """Where the configured backbone's weights come from (after gin parsing)."""
+  try:
+    pretrained = gin.query_parameter("trainer.ModelConfig.pretrained")
+  except ValueError:
+    pretrained = None
+  if pretrained is not None:
+    return "pre-trained all-MiniLM-L6-v2 (frozen where the method freezes it)"
+  path = resolve_repo_path(gin.query_parameter("%INITIAL_CHECKPOINT_PATH"))
+  if path:
+    return f"pre-trained, from {os.path.relpath(os.path.abspath(path), REPO_ROOT)}"
+  return "randomly initialised"
 
 
 def run(out_dir: str, methods=DEMO_METHODS, bindings=(), gin_file="experiments/demo.gin"):
   """Trains each method into out_dir/METHOD and writes the report; returns results."""
   results = []
   for m in methods:
+    run_bindings = [f"MODEL_DIR = '{os.path.join(out_dir, m)}'", f"METHOD = '{m}'", *bindings,
+                    *(NO_BACKBONE if m == "scratch" else ())]
     gin.clear_config()
-    gin_utils.parse([gin_file], [f"MODEL_DIR = '{os.path.join(out_dir, m)}'",
-                                 f"METHOD = '{m}'", *bindings], gin_utils.GIN_SEARCH_PATHS)
-    backbone_source = gin.query_parameter("%INITIAL_CHECKPOINT_PATH")
+    gin_utils.parse([gin_file], run_bindings, gin_utils.GIN_SEARCH_PATHS)
+    path = gin.query_parameter("%INITIAL_CHECKPOINT_PATH")
+    if resolve_repo_path(path) != path:
+      gin.clear_config()
+      gin_utils.parse([gin_file], [*run_bindings,
+                                   f"INITIAL_CHECKPOINT_PATH = '{resolve_repo_path(path)}'"],
+                      gin_utils.GIN_SEARCH_PATHS)
+    if m != "scratch" or not results:
+      note = backbone_note()
     t0 = time.time()
     r = gin_utils.call(trainer.train)
     print(f"  {m:9s} ID {r['metrics']['id_test']['rmse']:.4f}  OOD "
           f"{r['metrics']['ood_test']['rmse']:.4f}  ({time.time() - t0:.0f}s)", flush=True)
     results.append(r)
-  title = (f"{results[0]['task']}: backbone "
-           + ("randomly initialised" if not backbone_source else f"from {backbone_source}"))
-  return results, report.write_report(results, out_dir, title)
+  title = f"{results[0]['task']}: backbone {note}"
+  return results, report.write_report(results, out_dir, title), note
 
 
 def main():
@@ -48,10 +80,12 @@ def main():
   out = os.path.abspath(args.out)
   t0 = time.time()
   print(f"levi_jax demo: methods {args.methods} on the synthetic world -> {out}")
-  results, table = run(out, args.methods.split(","), args.gin)
-  if not any("INITIAL_CHECKPOINT_PATH" in b for b in args.gin):
+  results, table, note = run(out, args.methods.split(","), args.gin)
+  if note == "randomly initialised":
     print("Note: the backbone is randomly initialised (no pre-trained checkpoint is "
           "configured), so FT/LP/LEVI see random text features.")
+  else:
+    print(f"Backbone: {note}.")
   print(table)
   print(f"wrote {out}/results.md and {out}/results.png; total {time.time() - t0:.0f}s")
 

@@ -125,7 +125,7 @@ def test_demo_runs_end_to_end(tmp_path):
   out = _cli("levi_jax.demo", "--out", str(tmp_path), "--methods", "lp,scratch,levi",
              "--gin", "TRAIN_STEPS=4", "--gin", "BATCH_SIZE=16")
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "randomly initialised" in out.stdout
+  assert "Backbone: pre-trained, from experiments/checkpoints/synthetic_t5_small." in out.stdout
   md = (tmp_path / "results.md").read_text()
   for m in ("lp", "scratch", "levi"):
     assert f"| {m} | movielens_100k.gender_m_to_f |" in md
