@@ -18,25 +18,26 @@ import json
 import logging
 import math
 import os
-import sys
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from levi_jax import checkpointing, methods, partitioning, step as step_lib, tap_cache
+from levi_jax import (checkpointing, metric_logging, methods, partitioning, step as step_lib,
+                      tap_cache)
+from levi_jax.input_pipeline import (TaskData, batch_indices, eval_batches, load_task_data,
+                                     split_validation)
 from levi_jax.checkpointing import CheckpointConfig
 from levi_jax.models import lora as lora_lib
 from levi_jax.models import t5_encoder
-from levi_jax.models.task_net import CategoricalFeature, FeatureTower, TokenTower, validate_features
+from levi_jax.models.task_net import FeatureTower, TokenTower, validate_features
 from levi_jax.optim import OptimizerConfig, make_optimizer
 from levi_jax.partitioning import MeshConfig
 from levi_jax.step import LossConfig, TrainState
 
-Arrays = dict[str, np.ndarray]
 log = logging.getLogger("levi_jax")
 
 
@@ -160,68 +161,9 @@ class LoopConfig:
       raise ValueError(f"LoopConfig: num_steps and log_every must be >= 1, got {self}")
 
 
-@dataclasses.dataclass
-class TaskData:
-  """A task's splits as in-memory numpy arrays (feature name -> array).
-
-  Attributes:
-    train: the training population (validation is carved out of it).
-    evals: evaluation splits, e.g. {"id_test": ..., "ood_test": ...}.
-    features: the categorical features the small model embeds.
-    vocab_size: size of the `inputs` token vocabulary.
-  """
-
-  train: Arrays
-  evals: dict[str, Arrays]
-  features: tuple[CategoricalFeature, ...]
-  vocab_size: int
-
-
 # ------------------------------------------------------------------------------
 # Pieces (pure, tested on their own).
 # ------------------------------------------------------------------------------
-def split_validation(arrays: Arrays, fraction: float, seed: int) -> tuple[Arrays, Arrays]:
-  """Deterministically holds out `fraction` of the rows as validation."""
-  n = len(next(iter(arrays.values())))
-  order = np.random.default_rng([seed, 7]).permutation(n)
-  k = int(round(n * fraction))
-  pick = lambda idx: {key: v[np.sort(idx)] for key, v in arrays.items()}
-  return pick(order[k:]), pick(order[:k])
-
-
-def batch_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
-  """Row indices of the global batch at `step`: epochs of seeded permutations."""
-  start = step * batch_size
-  idx = []
-  while len(idx) < batch_size:
-    epoch, offset = divmod(start + len(idx), n)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    idx.extend(perm[offset: offset + batch_size - len(idx)])
-  return np.asarray(idx)
-
-
-def local_rows(global_size: int) -> slice:
-  """This process's slice of a global batch."""
-  count, index = jax.process_count(), jax.process_index()
-  if global_size % count:
-    raise ValueError(f"global batch size {global_size} is not divisible by the "
-                     f"{count} processes")
-  per = global_size // count
-  return slice(index * per, (index + 1) * per)
-
-
-def eval_batches(arrays: Arrays, batch_size: int):
-  """Fixed-size batches covering every row once, padded with weight-0 rows."""
-  n = len(arrays["targets"])
-  for start in range(0, max(n, 1), batch_size):
-    idx = np.arange(start, start + batch_size)
-    real = idx < n
-    idx = np.where(real, idx, 0)
-    batch = {k: v[idx] for k, v in arrays.items()}
-    batch["weights"] = real.astype(np.float32)
-    yield batch
-
-
 def build_method(cfg: ModelConfig, data: TaskData, num_outputs: int = 1,
                  backbone: nn.Module | None = None) -> methods.Method:
   """The method for `cfg`, sized to the data's features and vocabulary.
@@ -282,59 +224,6 @@ def _finite_or_raise(metrics: Mapping[str, Any], step: int, last_ok: int, model_
         f"{model_dir} is kept: lower the learning rate or check the data, then resume.")
 
 
-class _MetricLog:
-  """metrics.jsonl (every process writes nothing but process 0) + TensorBoard."""
-
-  def __init__(self, model_dir: str):
-    self.enabled = jax.process_index() == 0
-    self.path = os.path.join(model_dir, "metrics.jsonl")
-    self.writer = None
-    if self.enabled:
-      try:
-        from clu import metric_writers  # TensorFlow-backed; optional on accelerators
-        self.writer = metric_writers.create_default_writer(
-            os.path.join(model_dir, "tb"), asynchronous=False)
-      except ImportError:
-        log.warning("clu is not installed: TensorBoard summaries are off")
-
-  def write(self, step: int, values: Mapping[str, float]):
-    if not self.enabled:
-      return
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, **values}) + "\n")
-    if self.writer is not None:
-      self.writer.write_scalars(step, dict(values))
-      self.writer.flush()
-
-
-class _Progress:
-  """A tqdm bar on terminals, plain log lines otherwise."""
-
-  def __init__(self, total: int, initial: int, batch_size: int, log_every: int):
-    self.bar = None
-    self.batch_size, self.log_every, self.total = batch_size, log_every, total
-    self.t0, self.s0 = time.time(), initial
-    if sys.stderr.isatty() and jax.process_index() == 0:
-      from tqdm import tqdm
-      self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-
-  def update(self, step: int, loss: float | None):
-    rate = (step - self.s0) / max(time.time() - self.t0, 1e-9)
-    if self.bar is not None:
-      self.bar.n = step
-      self.bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "?",
-                           ex_s=f"{rate * self.batch_size:.0f}", refresh=False)
-      self.bar.refresh()
-    elif loss is not None and jax.process_index() == 0:
-      eta = (self.total - step) / max(rate, 1e-9)
-      log.info("step %d/%d loss %.4f %.0f examples/s ETA %.0fs", step, self.total, loss,
-               rate * self.batch_size, eta)
-
-  def close(self):
-    if self.bar is not None:
-      self.bar.close()
-
-
 # ------------------------------------------------------------------------------
 # The trainer.
 # ------------------------------------------------------------------------------
@@ -370,7 +259,6 @@ def train(
   # --- Mesh -------------------------------------------------------------------
   device_mesh = partitioning.make_mesh(mesh)
   rules = partitioning.rules_for(mesh)
-  replicated = jax.sharding.NamedSharding(device_mesh, jax.sharding.PartitionSpec())
 
   # --- Pretrained backbone (module, weights, vocabulary) ------------------------
   pretrained = None
@@ -391,7 +279,9 @@ def train(
   n_train = len(train_rows["targets"])
   if n_train == 0:
     raise ValueError(f"task {data.task!r} has no training examples")
-  rows = local_rows(data.batch_size)
+  # Each process feeds its rows of the global batch (all of it on one host).
+  rows = partitioning.process_batch_slice(data.batch_size, device_mesh)
+  eval_rows = partitioning.process_batch_slice(data.eval_batch_size, device_mesh)
 
   def train_batch(step: int) -> dict[str, np.ndarray]:
     idx = batch_indices(n_train, step, data.batch_size, data.seed)[rows]
@@ -451,13 +341,6 @@ def train(
     start_step = int(meta["step"])
     log.info("resuming from step %d in %s", start_step, model_dir)
 
-  def with_rules(fn):
-    """Traces `fn` with the logical-axis rules active (activation constraints)."""
-    def wrapped(*args):
-      with nn.logical_axis_rules(rules):
-        return fn(*args)
-    return wrapped
-
   with jax.set_mesh(device_mesh):
     params, param_shardings = partitioning.sharded_init(init_params, device_mesh, rules)
     params = jax.device_put(load_initial(params), param_shardings)
@@ -468,11 +351,9 @@ def train(
           device_mesh, rules, data.eval_batch_size)
       train_rows = splits.pop("train")
       evals = splits
-    batch_sharding = partitioning.batch_sharding(device_mesh)
-    eval_step = jax.jit(with_rules(step_lib.make_eval_step(method, loss)),
-                        in_shardings=(param_shardings, batch_sharding),
-                        out_shardings=replicated)
-    metric_log = _MetricLog(model_dir)
+    eval_step = partitioning.jit_eval_step(step_lib.make_eval_step(method, loss),
+                                           param_shardings, device_mesh, rules)
+    metric_log = metric_logging.MetricLog(model_dir)
 
     def evaluate(params_, prefix: str = "") -> dict[str, dict[str, float]]:
       out = {}
@@ -480,7 +361,7 @@ def train(
         sums = None
         for b in eval_batches(split, data.eval_batch_size):
           part = eval_step(params_, partitioning.global_batch(
-              {k: v[local_rows(data.eval_batch_size)] for k, v in b.items()}, device_mesh))
+              {k: v[eval_rows] for k, v in b.items()}, device_mesh))
           sums = part if sums is None else jax.tree.map(jnp.add, sums, part)
         out[prefix + name] = step_lib.finalize_metrics(jax.device_get(sums), loss.task)
       return out
@@ -523,13 +404,12 @@ def train(
             jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                          params))
 
-      train_step = jax.jit(with_rules(step_lib.make_train_step(method, opt, loss)),
-                           in_shardings=(state_shardings, batch_sharding, replicated),
-                           out_shardings=(state_shardings, replicated), donate_argnums=0)
+      train_step = partitioning.jit_train_step(step_lib.make_train_step(method, opt, loss),
+                                               state_shardings, device_mesh, rules)
       first = max(s_begin, start_step)
       if eval_only:
         s_end = first
-      progress = _Progress(loop.num_steps, first, data.batch_size, loop.log_every)
+      progress = metric_logging.Progress(loop.num_steps, first, data.batch_size, loop.log_every)
       last_ok, last_loss = first, None
       log.info("stage %s: steps %d-%d, %d trainable / %d params", stage.name, s_begin,
                s_end, count_params(state.params), count_params(params))
@@ -613,44 +493,3 @@ def train(
     with open(os.path.join(model_dir, name), "w") as f:
       json.dump(results, f, indent=2)
   return results
-
-
-def load_task_data(cfg: DataConfig, vocabulary_file: str | None = None) -> TaskData:
-  """Loads a registered task's splits into memory (see `levi_jax.data.pipeline`).
-
-  An empty `data_dir` means `LEVI_DATA_DIR`, else the embedded synthetic world.
-
-  Args:
-    cfg: the data config.
-    vocabulary_file: tokenize `inputs` with this vocabulary instead of the
-      task's own: a SentencePiece model, or a WordPiece `vocab.txt` (BERT).
-  """
-  from levi_jax.data import pipeline
-  task = pipeline.prepare(cfg.task, cfg.data_dir or None)
-  wordpiece = vocabulary_file is not None and vocabulary_file.endswith(".txt")
-  spm_path = None if wordpiece else vocabulary_file
-  arrays = {}
-  if wordpiece:
-    from levi_jax.checkpoints.wordpiece import WordPieceVocabulary
-    wordpieces = WordPieceVocabulary(vocabulary_file)
-  for split in task.splits:
-    if wordpiece:
-      src = task.source_arrays(split)
-      src["inputs"] = wordpieces.encode_padded(src["inputs"], cfg.seq_length)
-      arrays[split] = src
-    else:
-      arrays[split] = dict(pipeline.load_split_arrays(
-          cfg.task, split, task.data_dir, inputs_length=cfg.seq_length, vocab_path=spm_path))
-  if wordpiece:
-    with open(vocabulary_file, encoding="utf-8") as f:
-      vocab_size = sum(1 for _ in f)
-  else:
-    vocab_size = pipeline.vocabulary_size(
-        pipeline.vocabulary_path(cfg.task, task.data_dir, spm_path))
-  return TaskData(train=arrays.pop("train"), evals=arrays,
-                  features=tuple(task.feature_specs), vocab_size=vocab_size)
-
-
-def make_train_fn(**kwargs) -> Callable[..., dict]:
-  """`train` with some arguments fixed (used by experiment scripts)."""
-  return lambda **more: train(**{**kwargs, **more})

@@ -28,8 +28,7 @@ def _clean_gin():
 @pytest.mark.parametrize("name", GIN_FILES)
 def test_every_gin_file_parses(name):
   """Each file parses on top of the run defaults and builds valid configs."""
-  files = [name] if name.startswith("runs/") or name.startswith("experiments/") else [
-      "runs/train.gin", name]
+  files = [name] if name.startswith("runs/") else ["runs/train.gin", name]
   bindings = ["MODEL_DIR = '/tmp/unused'", "CHECKPOINT_PATH = '/tmp/unused'"]
   gin_utils.parse(files, bindings, gin_utils.GIN_SEARCH_PATHS)
   for cls in (trainer.ModelConfig, trainer.DataConfig, trainer.LoopConfig):

@@ -25,7 +25,7 @@ def main(model_dir: str):
     time.sleep(delay)
     return indices(*args, **kwargs)
 
-  trainer.batch_indices = slow_indices
+  trainer.batch_indices = slow_indices  # the trainer calls it by this name
   trainer.train(model_dir,
                 model=trainer.ModelConfig(method="levi", adapter_dim=16, fusion_hidden=(16,),
                                           task_hidden=(16,), aux_heads=False),
