@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import optax
 
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
@@ -56,7 +58,8 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
   elif cfg.schedule == "linear":
     decay = optax.linear_schedule(peak, 0.0, decay_steps)
   else:
-    decay = lambda step: peak * (1.0 + step) ** -0.5
+    # optax.join_schedules also evaluates this before the warmup ends (step < 0).
+    decay = lambda step: peak * jax.lax.rsqrt(jnp.maximum(1.0 + step, 1.0))
   if warm == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), decay], [warm])

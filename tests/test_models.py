@@ -344,3 +344,46 @@ def test_cached_taps_give_the_same_trajectory():
   bad = dict(cached, pooled_taps=np.asarray(taps)[:, :1])
   with pytest.raises(ValueError, match="holds 1 taps"):
     m.apply(params, bad)
+
+
+@pytest.mark.parametrize("name", ["adafactor", "sgd"])
+def test_other_optimizers_lower_the_loss(name):
+  m = build("levi")
+  batch = make_batch()
+  params = nn.meta.unbox(m.init(jax.random.PRNGKey(0), batch))
+  opt = make_optimizer(OptimizerConfig(name=name, learning_rate=0.05, schedule="constant"), 10)
+  state = step.TrainState.create(*methods.partition(params, m.stages[0].frozen), opt)
+  train_step = jax.jit(step.make_train_step(m, opt, step.LossConfig()))
+  losses = []
+  for _ in range(6):
+    state, metrics = train_step(state, batch, jax.random.PRNGKey(1))
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_gradient_accumulation_updates_every_k_steps():
+  m = build("scratch")
+  batch = make_batch()
+  params = nn.meta.unbox(m.init(jax.random.PRNGKey(0), batch))
+  opt = make_optimizer(OptimizerConfig(learning_rate=0.01, grad_accum_steps=2), 10)
+  state = step.TrainState.create(*methods.partition(params, ()), opt)
+  train_step = jax.jit(step.make_train_step(m, opt, step.LossConfig()))
+  p0 = jax.tree.map(np.array, state.params)
+  state, _ = train_step(state, batch, jax.random.PRNGKey(1))
+  jax.tree.map(np.testing.assert_array_equal, p0, jax.tree.map(np.array, state.params))
+  state, _ = train_step(state, batch, jax.random.PRNGKey(1))
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), p0,
+                         jax.tree.map(np.array, state.params))
+  assert all(jax.tree.leaves(changed))
+
+
+def test_schedules_warm_up_and_decay():
+  from levi_jax.optim import make_schedule
+  for sched in ("cosine", "linear", "rsqrt", "constant"):
+    lr = make_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=10, schedule=sched), 100)
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
+    assert float(lr(10)) == pytest.approx(1.0)
+    if sched != "constant":
+      assert float(lr(90)) < 0.5
+  with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
+    OptimizerConfig(name="adam")
