@@ -8,6 +8,7 @@ writes `results.md` and `results.png` into the output folder it names.
 import argparse
 import logging
 import os
+import shutil
 import time
 
 import gin
@@ -44,9 +45,15 @@ def backbone_note() -> str:
 
 
 def run(out_dir: str, methods=DEMO_METHODS, bindings=(), gin_file="experiments/demo.gin"):
-  """Trains each method into out_dir/METHOD and writes the report; returns results."""
+  """Trains each method into out_dir/METHOD and writes the report; returns results.
+
+  Each run starts fresh: an out_dir/METHOD left by an earlier demo is replaced
+  (resuming it would report that run's numbers without training).
+  """
   results = []
   for m in methods:
+    if os.path.isdir(os.path.join(out_dir, m)):
+      shutil.rmtree(os.path.join(out_dir, m))
     run_bindings = [f"MODEL_DIR = '{os.path.join(out_dir, m)}'", f"METHOD = '{m}'", *bindings,
                     *(NO_BACKBONE if m == "scratch" else ())]
     gin.clear_config()

@@ -7,6 +7,7 @@ the config dataclasses passed to it, with dynamic registration (gin files
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable, Sequence
 
@@ -54,8 +55,16 @@ def parse(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[
     gin.add_config_file_search_path(p)
   if not files:
     raise ValueError("no --gin_file given; e.g. --gin_file=runs/train.gin")
-  for f in files:
-    gin.parse_config_file(resolve_gin_file(f, search_paths))
+  # gin logs an error for each include it first looks for as a Python package
+  # resource before finding it on the search path; that is noise.
+  root = logging.getLogger()
+  level = root.level
+  root.setLevel(logging.CRITICAL)
+  try:
+    for f in files:
+      gin.parse_config_file(resolve_gin_file(f, search_paths))
+  finally:
+    root.setLevel(level)
   for b in bindings:
     try:
       gin.parse_config(b)
