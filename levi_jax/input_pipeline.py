@@ -1,9 +1,15 @@
-"""In-memory task data for the trainer: splits, deterministic batches, eval padding.
+"""In-memory task data for the trainer: input shards, deterministic batches, eval padding.
 
-Batches are a pure function of (seed, step): an epoch's order is a seeded
-permutation, so a restarted run sees exactly the batches an uninterrupted one
-would have. Evaluation covers every row once in fixed-size batches padded with
-weight-0 rows, so every host runs the same number of steps.
+Every split's rows are dealt round-robin to `num_shards` input shards (row i
+to shard i % num_shards, as `seqio.ShardInfo` and `tf.data.Dataset.shard` do),
+and each process loads only the shards it feeds (`InputShards`). A shard's
+batches are a pure function of (seed, shard, step): an epoch's order is a
+seeded permutation, so a restarted run sees exactly the batches an
+uninterrupted one would have. The global batch at a step is the
+concatenation, in shard order, of every shard's `batch_size / num_shards`
+rows, so for a given number of input shards it is the same however many
+processes read them. Evaluation covers every row once in fixed-size batches
+padded with weight-0 rows, the same number of batches on every process.
 """
 
 from __future__ import annotations
@@ -17,21 +23,105 @@ from levi_jax.models.task_net import CategoricalFeature
 Arrays = dict[str, np.ndarray]
 
 
+@dataclasses.dataclass(frozen=True)
+class InputShards:
+  """The input shards one process reads.
+
+  The rows of each split are dealt to `num_shards` shards (`positions`);
+  process `index` of `count` (its data shard, `partitioning.process_shard`)
+  reads shards `index * k ... (index + 1) * k - 1`, k = num_shards / count.
+  """
+
+  num_shards: int = 1
+  index: int = 0
+  count: int = 1
+
+  def __post_init__(self):
+    if self.count < 1 or not 0 <= self.index < self.count:
+      raise ValueError(f"InputShards: process {self.index} of {self.count} is out of range")
+    if self.num_shards < 1 or self.num_shards % self.count:
+      raise ValueError(f"the number of input shards ({self.num_shards}) must be a positive "
+                       f"multiple of the number of processes feeding data ({self.count})")
+
+  @property
+  def owned(self) -> range:
+    """The shards this process reads."""
+    k = self.num_shards // self.count
+    return range(self.index * k, (self.index + 1) * k)
+
+  def shard_sizes(self, num_rows: int) -> list[int]:
+    """Rows of each owned shard in a split of `num_rows` rows."""
+    return [len(range(s, num_rows, self.num_shards)) for s in self.owned]
+
+  def positions(self, num_rows: int) -> np.ndarray:
+    """Positions (within a split of `num_rows`) this process holds, shard after shard."""
+    if not num_rows:
+      return np.zeros((0,), np.int64)
+    return np.concatenate([np.arange(s, num_rows, self.num_shards) for s in self.owned])
+
+  def max_rows(self, num_rows: int) -> int:
+    """The most rows any process holds of a split of `num_rows` (process 0's)."""
+    return InputShards(self.num_shards, 0, self.count).positions(num_rows).size
+
+
 @dataclasses.dataclass
 class TaskData:
   """A task's splits as in-memory numpy arrays (feature name -> array).
 
   Attributes:
-    train: the training population (validation is carved out of it).
-    evals: evaluation splits, e.g. {"id_test": ..., "ood_test": ...}.
+    train: the training population (validation is carved out of it when the
+      task has none).
+    evals: evaluation splits, e.g. {"validation": ..., "id_test": ..., "ood_test": ...}.
     features: the categorical features the small model embeds.
     vocab_size: size of the `inputs` token vocabulary.
+    shards: None when the arrays hold every row; else the input shards they
+      hold (`InputShards.positions` of each split).
+    split_sizes: with `shards`, every split's total number of rows (all shards).
   """
 
   train: Arrays
   evals: dict[str, Arrays]
   features: tuple[CategoricalFeature, ...]
   vocab_size: int
+  shards: InputShards | None = None
+  split_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def num_rows(arrays: Arrays) -> int:
+  return len(arrays["targets"])
+
+
+def select_shards(data: TaskData, shards: InputShards) -> TaskData:
+  """The rows of `shards` of data that holds every row."""
+  if data.shards is not None:
+    raise ValueError(f"task data already holds input shards {data.shards}")
+  pick = lambda a: {k: v[shards.positions(num_rows(a))] for k, v in a.items()}
+  return dataclasses.replace(
+      data, train=pick(data.train), evals={k: pick(v) for k, v in data.evals.items()},
+      shards=shards, split_sizes={"train": num_rows(data.train),
+                                  **{k: num_rows(v) for k, v in data.evals.items()}})
+
+
+def shard_batch_indices(shards: InputShards, num_rows_total: int, step: int,
+                        batch_size: int, seed: int) -> np.ndarray:
+  """Positions (in this process's arrays) of its rows of the global batch at `step`.
+
+  Each owned shard contributes `batch_size / num_shards` rows from its own
+  seeded epochs (`batch_indices`; with one shard, exactly the unsharded order).
+  """
+  if batch_size % shards.num_shards:
+    raise ValueError(f"the global batch size {batch_size} is not divisible by the number "
+                     f"of input shards {shards.num_shards}")
+  per_shard = batch_size // shards.num_shards
+  out, offset = [], 0
+  for s, n in zip(shards.owned, shards.shard_sizes(num_rows_total)):
+    if n == 0:
+      raise ValueError(f"input shard {s} of {shards.num_shards} has no training rows "
+                       f"(the split has {num_rows_total}); use fewer input shards")
+    shard_seed = seed if shards.num_shards == 1 else (seed, s)
+    out.append(offset + batch_indices(n, step, per_shard, shard_seed))
+    offset += n
+  return np.concatenate(out)
 
 
 def split_validation(arrays: Arrays, fraction: float, seed: int) -> tuple[Arrays, Arrays]:
@@ -43,21 +133,30 @@ def split_validation(arrays: Arrays, fraction: float, seed: int) -> tuple[Arrays
   return pick(order[k:]), pick(order[:k])
 
 
-def batch_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
-  """Row indices of the global batch at `step`: epochs of seeded permutations."""
+def batch_indices(n: int, step: int, batch_size: int, seed: int | tuple[int, ...]
+                  ) -> np.ndarray:
+  """Row indices of the batch at `step` of `n` rows: epochs of seeded permutations."""
   start = step * batch_size
+  seed = list(seed) if isinstance(seed, tuple) else [seed]
   idx = []
   while len(idx) < batch_size:
     epoch, offset = divmod(start + len(idx), n)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    perm = np.random.default_rng([*seed, epoch]).permutation(n)
     idx.extend(perm[offset: offset + batch_size - len(idx)])
   return np.asarray(idx)
 
 
-def eval_batches(arrays: Arrays, batch_size: int):
-  """Fixed-size batches covering every row once, padded with weight-0 rows."""
+def eval_batches(arrays: Arrays, batch_size: int, num_batches: int | None = None):
+  """Fixed-size batches covering every row once, padded with weight-0 rows.
+
+  `num_batches` (at least enough for every row): pad with all-weight-0
+  batches up to it, so processes holding fewer rows run as many steps.
+  """
   n = len(arrays["targets"])
-  for start in range(0, max(n, 1), batch_size):
+  needed = max(-(-n // batch_size), 1)
+  if num_batches is not None and num_batches < needed:
+    raise ValueError(f"{num_batches} batches of {batch_size} cannot hold {n} rows")
+  for start in range(0, (num_batches or needed) * batch_size, batch_size):
     idx = np.arange(start, start + batch_size)
     real = idx < n
     idx = np.where(real, idx, 0)
@@ -66,7 +165,8 @@ def eval_batches(arrays: Arrays, batch_size: int):
     yield batch
 
 
-def load_task_data(cfg, vocabulary_file: str | None = None) -> TaskData:
+def load_task_data(cfg, vocabulary_file: str | None = None,
+                   shards: InputShards | None = None) -> TaskData:
   """Loads a registered task's splits into memory (see `levi_jax.data.pipeline`).
 
   An empty `data_dir` means `LEVI_DATA_DIR`, else the embedded synthetic world.
@@ -75,23 +175,28 @@ def load_task_data(cfg, vocabulary_file: str | None = None) -> TaskData:
     cfg: the `trainer.DataConfig` (task, data_dir, seq_length).
     vocabulary_file: tokenize `inputs` with this vocabulary instead of the
       task's own: a SentencePiece model, or a WordPiece `vocab.txt` (BERT).
+    shards: load only these input shards' rows of every split (only they are
+      tokenized and kept); None: every row.
   """
   from levi_jax.data import pipeline
   task = pipeline.prepare(cfg.task, cfg.data_dir or None)
   wordpiece = vocabulary_file is not None and vocabulary_file.endswith(".txt")
   spm_path = None if wordpiece else vocabulary_file
-  arrays = {}
+  arrays, sizes = {}, {}
   if wordpiece:
     from levi_jax.checkpoints.wordpiece import WordPieceVocabulary
     wordpieces = WordPieceVocabulary(vocabulary_file)
   for split in task.splits:
+    sizes[split] = len(task.rows(split))
+    select = None if shards is None else shards.positions(sizes[split])
     if wordpiece:
-      src = task.source_arrays(split)
+      src = task.source_arrays(split, select)
       src["inputs"] = wordpieces.encode_padded(src["inputs"], cfg.seq_length)
       arrays[split] = src
     else:
       arrays[split] = dict(pipeline.load_split_arrays(
-          cfg.task, split, task.data_dir, inputs_length=cfg.seq_length, vocab_path=spm_path))
+          cfg.task, split, task.data_dir, inputs_length=cfg.seq_length, vocab_path=spm_path,
+          select=select))
   if wordpiece:
     with open(vocabulary_file, encoding="utf-8") as f:
       vocab_size = sum(1 for _ in f)
@@ -99,4 +204,5 @@ def load_task_data(cfg, vocabulary_file: str | None = None) -> TaskData:
     vocab_size = pipeline.vocabulary_size(
         pipeline.vocabulary_path(cfg.task, task.data_dir, spm_path))
   return TaskData(train=arrays.pop("train"), evals=arrays,
-                  features=tuple(task.feature_specs), vocab_size=vocab_size)
+                  features=tuple(task.feature_specs), vocab_size=vocab_size, shards=shards,
+                  split_sizes=sizes if shards is not None else {})

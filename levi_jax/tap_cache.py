@@ -105,7 +105,12 @@ def entry_path(cache_dir: str, key: Mapping[str, Any]) -> str:
 
 def compute_taps(source: TapSource, backbone: Any, inputs: np.ndarray, mesh: jax.sharding.Mesh,
                  rules, batch_size: int) -> np.ndarray:
-  """Pooled taps `[rows, num_taps, embed]` (float32) of `inputs`, batch-sharded."""
+  """Pooled taps `[rows, num_taps, embed]` (float32) of this process's `inputs`.
+
+  Batch-sharded: every process feeds `batch_size / data shards` of its own
+  rows per global batch (as many batches as the process with the most rows
+  needs) and keeps the taps of its rows.
+  """
   module = source.module
 
   def fn(bb, batch):
@@ -117,12 +122,19 @@ def compute_taps(source: TapSource, backbone: Any, inputs: np.ndarray, mesh: jax
   taps_fn = jax.jit(fn, in_shardings=(None, partitioning.batch_sharding(mesh)),
                     out_shardings=replicated)
   n = len(inputs)
-  rows = partitioning.process_batch_slice(batch_size, mesh)
+  local = partitioning.local_batch_size(batch_size, mesh)
+  mine = partitioning.process_batch_slice(batch_size, mesh)
+  steps = -(-n // local)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    steps = int(np.max(multihost_utils.process_allgather(np.asarray(steps))))
+  filler = inputs[-1:] if n else np.zeros((1,) + inputs.shape[1:], inputs.dtype)
+  padded = np.concatenate([inputs, filler])
   out = []
-  for start in range(0, n, batch_size):
-    idx = np.minimum(np.arange(start, start + batch_size), n - 1)  # pad with the last row
-    batch = partitioning.global_batch({"inputs": inputs[idx][rows]}, mesh)
-    out.append(np.asarray(jax.device_get(taps_fn(backbone, batch)), np.float32))
+  for start in range(0, steps * local, local):
+    idx = np.minimum(np.arange(start, start + local), n)  # padded with the last row
+    batch = partitioning.global_batch({"inputs": padded[idx]}, mesh)
+    out.append(np.asarray(jax.device_get(taps_fn(backbone, batch)), np.float32)[mine])
   return np.concatenate(out)[:n] if out else np.zeros((0, 0, 0), np.float32)
 
 
@@ -134,8 +146,13 @@ def _everyone_has(path: str) -> bool:
   return bool(np.all(have))
 
 
-def load_or_compute(cache_dir: str, key: Mapping[str, Any], compute) -> tuple[np.ndarray, bool]:
-  """The entry of `key` (read, or computed by `compute()` and written); (taps, hit)."""
+def load_or_compute(cache_dir: str, key: Mapping[str, Any], compute, writer: bool = False
+                    ) -> tuple[np.ndarray, bool]:
+  """The entry of `key` (read, or computed by `compute()` and written); (taps, hit).
+
+  Process 0 writes a computed entry, and so does every process with `writer`
+  (processes holding different rows have entries of their own).
+  """
   path = entry_path(cache_dir, key)
   if _everyone_has(path):
     with np.load(path) as f:
@@ -143,17 +160,17 @@ def load_or_compute(cache_dir: str, key: Mapping[str, Any], compute) -> tuple[np
         return f["taps"], True
     log.warning("tap cache entry %s holds another key; recomputing", path)
   taps = compute()
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 or writer:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.npz"
+    tmp = f"{path}.tmp{jax.process_index()}-{os.getpid()}.npz"
     np.savez(tmp, taps=taps, key=json.dumps(dict(key), sort_keys=True))
     os.replace(tmp, path)
   return taps, False
 
 
 def attach(cache_dir: str, task: str, method: methods.Method, params: Mapping[str, Any],
-           splits: Mapping[str, Arrays], mesh: jax.sharding.Mesh, rules, batch_size: int
-           ) -> tuple[dict[str, Arrays], dict[str, Any]]:
+           splits: Mapping[str, Arrays], mesh: jax.sharding.Mesh, rules, batch_size: int,
+           shards=None) -> tuple[dict[str, Arrays], dict[str, Any]]:
   """Adds cached pooled taps (`CACHED_TAPS`) to each split, if the method allows.
 
   Args:
@@ -161,9 +178,11 @@ def attach(cache_dir: str, task: str, method: methods.Method, params: Mapping[st
     task: task name (part of the key; also the entry's subfolder).
     method: the method being trained.
     params: its full params (the backbone as it will stay, e.g. pretrained).
-    splits: split name -> arrays with `inputs`.
+    splits: split name -> arrays with `inputs` (this process's rows).
     mesh, rules: where to compute and the logical axis rules.
     batch_size: global batch size of the computation.
+    shards: the `input_pipeline.InputShards` the splits hold (part of the
+      key); None: every row.
 
   Returns:
     (splits, each with `CACHED_TAPS` where cacheable, else unchanged;
@@ -178,8 +197,11 @@ def attach(cache_dir: str, task: str, method: methods.Method, params: Mapping[st
   out, hits, t0 = {}, 0, time.time()
   for name, arrays in splits.items():
     key = cache_key(task, name, arrays["inputs"], backbone_hash, source)
+    sharded = shards is not None and shards.num_shards > 1
+    if sharded:
+      key["shards"] = [*shards.owned[:1], len(shards.owned), shards.num_shards]
     taps, hit = load_or_compute(cache_dir, key, lambda a=arrays: compute_taps(
-        source, backbone, a["inputs"], mesh, rules, batch_size))
+        source, backbone, a["inputs"], mesh, rules, batch_size), writer=sharded)
     hits += hit
     out[name] = {**arrays, CACHED_TAPS: taps}
   stats = {"used": True, "hits": hits, "misses": len(splits) - hits,

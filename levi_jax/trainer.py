@@ -28,7 +28,8 @@ import numpy as np
 
 from levi_jax import (checkpointing, metric_logging, methods, partitioning, step as step_lib,
                       tap_cache)
-from levi_jax.input_pipeline import (TaskData, batch_indices, eval_batches, load_task_data,
+from levi_jax.input_pipeline import (InputShards, TaskData, batch_indices, eval_batches,
+                                     load_task_data, num_rows, select_shards, shard_batch_indices,
                                      split_validation)
 from levi_jax.checkpointing import CheckpointConfig
 from levi_jax.models import lora as lora_lib
@@ -114,11 +115,17 @@ class DataConfig:
     eval_batch_size: global evaluation batch size (padded, masked).
     seq_length: `inputs` length in tokens.
     validation_fraction: share of the training rows held out for validation
-      (checkpoint selection) when the task has no validation split of its own.
+      (checkpoint selection) when task data passed to `train` has no
+      validation split (registered tasks have their own).
     seed: seed of the validation split and of the batch order.
     tap_cache_dir: where a frozen backbone's pooled taps are cached
       (`levi_jax.tap_cache`); batches then carry them and the backbone does
       not run. Empty: off. Methods that train the backbone ignore it.
+    input_shards: how many input shards every split is dealt into
+      (`input_pipeline.InputShards`); each process loads only the shards it
+      feeds. 0: one per process feeding data. The batches depend on this
+      number, not on the process count: a run on one process with
+      `input_shards = N` sees the batches of a run on N processes.
   """
 
   task: str = "movielens_100k.gender_m_to_f"
@@ -129,10 +136,14 @@ class DataConfig:
   validation_fraction: float = 0.1
   seed: int = 0
   tap_cache_dir: str = ""
+  input_shards: int = 0
 
   def __post_init__(self):
     if self.batch_size < 1 or self.eval_batch_size < 1 or self.seq_length < 1:
       raise ValueError(f"DataConfig: sizes must be positive, got {self}")
+    if self.input_shards < 0:
+      raise ValueError(f"DataConfig.input_shards must be >= 0 (0: one per process), "
+                       f"got {self.input_shards}")
     if not 0.0 <= self.validation_fraction < 1.0:
       raise ValueError(f"DataConfig.validation_fraction must be in [0, 1), "
                        f"got {self.validation_fraction}")
@@ -215,6 +226,14 @@ def count_params(tree: Any) -> int:
   return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
 
 
+def _global_max(value: int) -> int:
+  """The largest of every process's `value`."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return int(np.max(multihost_utils.process_allgather(np.asarray(value))))
+
+
 def _finite_or_raise(metrics: Mapping[str, Any], step: int, last_ok: int, model_dir: str):
   loss = float(metrics["loss"])
   if not math.isfinite(loss) or not math.isfinite(float(metrics["grad_norm"])):
@@ -266,32 +285,45 @@ def train(
     from levi_jax.checkpoints import backbones
     pretrained = backbones.load_pretrained(model.pretrained)
 
-  # --- Data -------------------------------------------------------------------
+  # --- Data: each process holds only the input shards it feeds -------------------
+  shard_index, shard_count = partitioning.process_shard(device_mesh)
+  shards = InputShards(data.input_shards or shard_count, shard_index, shard_count)
   if task_data is None:
-    task_data = load_task_data(data, pretrained.vocabulary_file if pretrained else None)
-  if "validation" in task_data.evals:
-    train_rows, evals = task_data.train, dict(task_data.evals)
-  else:
-    train_rows, val_rows = split_validation(task_data.train, data.validation_fraction,
+    task_data = load_task_data(data, pretrained.vocabulary_file if pretrained else None,
+                               shards)
+  elif task_data.shards is None:  # every row in memory: validation first, then the shards
+    if "validation" not in task_data.evals:
+      train_all, val_all = split_validation(task_data.train, data.validation_fraction,
                                             data.seed)
-    evals = {"validation": val_rows, **task_data.evals} if len(val_rows["targets"]) else dict(
-        task_data.evals)
-  n_train = len(train_rows["targets"])
-  if n_train == 0:
+      task_data = dataclasses.replace(task_data, train=train_all, evals=(
+          {"validation": val_all, **task_data.evals} if num_rows(val_all) else task_data.evals))
+    task_data = select_shards(task_data, shards)
+  elif task_data.shards != shards:
+    raise ValueError(f"task data holds input shards {task_data.shards}; this process reads "
+                     f"{shards}")
+  train_rows, evals = task_data.train, dict(task_data.evals)
+  sizes = dict(task_data.split_sizes)
+  for name, arrays in {"train": train_rows, **evals}.items():
+    held = shards.positions(sizes[name]).size if name in sizes else None
+    if held != num_rows(arrays):
+      raise ValueError(f"split {name!r} of the task data holds {num_rows(arrays)} rows; input "
+                       f"shards {shards} of its {sizes.get(name)} rows are {held}")
+  if sizes["train"] == 0:
     raise ValueError(f"task {data.task!r} has no training examples")
-  # Each process feeds its rows of the global batch (all of it on one host).
-  rows = partitioning.process_batch_slice(data.batch_size, device_mesh)
-  eval_rows = partitioning.process_batch_slice(data.eval_batch_size, device_mesh)
+  # Evaluation: each process its rows, in as many batches as the largest share needs.
+  local_eval = partitioning.local_batch_size(data.eval_batch_size, device_mesh)
+  eval_steps = {k: max(-(-shards.max_rows(sizes[k]) // local_eval), 1) for k in evals}
 
   def train_batch(step: int) -> dict[str, np.ndarray]:
-    idx = batch_indices(n_train, step, data.batch_size, data.seed)[rows]
+    idx = shard_batch_indices(shards, sizes["train"], step, data.batch_size, data.seed)
     return {k: v[idx] for k, v in train_rows.items()}
 
   example = train_batch(0)
   validate_features(example, task_data.features)
 
   # --- Model ------------------------------------------------------------------
-  num_outputs = 1 if loss.task == "regression" else int(task_data.train["targets"].max()) + 1
+  num_outputs = 1 if loss.task == "regression" else _global_max(
+      int(np.max(train_rows["targets"], initial=0))) + 1
   method = build_method(model, task_data, num_outputs,
                         pretrained.module if pretrained else None)
   fingerprint = checkpointing.config_fingerprint(
@@ -348,7 +380,7 @@ def train(
     if data.tap_cache_dir:
       splits, tap_stats = tap_cache.attach(
           data.tap_cache_dir, data.task, method, params, {"train": train_rows, **evals},
-          device_mesh, rules, data.eval_batch_size)
+          device_mesh, rules, data.eval_batch_size, shards)
       train_rows = splits.pop("train")
       evals = splits
     eval_step = partitioning.jit_eval_step(step_lib.make_eval_step(method, loss),
@@ -359,9 +391,8 @@ def train(
       out = {}
       for name, split in evals.items():
         sums = None
-        for b in eval_batches(split, data.eval_batch_size):
-          part = eval_step(params_, partitioning.global_batch(
-              {k: v[eval_rows] for k, v in b.items()}, device_mesh))
+        for b in eval_batches(split, local_eval, eval_steps[name]):
+          part = eval_step(params_, partitioning.global_batch(b, device_mesh))
           sums = part if sums is None else jax.tree.map(jnp.add, sums, part)
         out[prefix + name] = step_lib.finalize_metrics(jax.device_get(sums), loss.task)
       return out
@@ -488,6 +519,10 @@ def train(
     results["wise_ft"] = wise
   if tap_stats:
     results["tap_cache"] = tap_stats
+  results["input"] = {"input_shards": shards.num_shards, "processes": shards.count,
+                      "split_rows": sizes,
+                      "process_rows": {"train": num_rows(train_rows),
+                                       **{k: num_rows(v) for k, v in evals.items()}}}
   if jax.process_index() == 0:
     name = "eval_results.json" if eval_only else "results.json"
     with open(os.path.join(model_dir, name), "w") as f:

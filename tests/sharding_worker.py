@@ -7,6 +7,7 @@ single-device run of `run_training` in the test process.
 
     python tests/sharding_worker.py meshes OUT_DIR --method levi
     python tests/sharding_worker.py multiprocess OUT_DIR --port P --process_id I --num_processes N
+    python tests/sharding_worker.py trainer OUT_DIR --data_dir WORLD --port P --process_id I
 """
 
 from __future__ import annotations
@@ -209,10 +210,54 @@ def multiprocess(out_dir: str, port: int, process_id: int, num_processes: int):
     jax.distributed.shutdown()
 
 
+TRAINER_TASK = "movielens_100k.gender_m_to_f"
+
+
+def trainer_run(model_dir: str, data_dir: str, input_shards: int = 0,
+                tap_cache_dir: str = "") -> dict:
+  """A short LEVI run of `trainer.train` on a synthetic world at `data_dir`.
+
+  On a mesh of every device, data-parallel; each process loads only its input
+  shards (one per process unless `input_shards`).
+  """
+  from levi_jax import trainer
+  from levi_jax.checkpointing import CheckpointConfig
+  return trainer.train(
+      model_dir,
+      model=trainer.ModelConfig(
+          method="levi", backbone="t5_1_1_tiny", taps=(0, -1), adapter_dim=8,
+          fusion_hidden=(8,), task_hidden=(8,), feature_embed_dim=4, aux_heads=False,
+          backbone_overrides={"emb_dim": 16, "num_heads": 2, "head_dim": 8, "mlp_dim": 32,
+                              "num_layers": 2}),
+      data=trainer.DataConfig(task=TRAINER_TASK, data_dir=data_dir, batch_size=16,
+                              eval_batch_size=32, seq_length=16, input_shards=input_shards,
+                              tap_cache_dir=tap_cache_dir),
+      optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=0),
+      loop=trainer.LoopConfig(num_steps=6, log_every=3, eval_every=0),
+      checkpoint=CheckpointConfig(every_steps=6, keep=1, async_save=False),
+      mesh=partitioning.MeshConfig(-1, 1))
+
+
+def trainer_process(out_dir: str, data_dir: str, port: int, process_id: int,
+                    num_processes: int):
+  """One of `num_processes` processes running `trainer_run` together."""
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
+                             num_processes=num_processes, process_id=process_id,
+                             initialization_timeout=60)
+  try:
+    results = trainer_run(os.path.join(out_dir, "run"), data_dir,
+                          tap_cache_dir=os.path.join(out_dir, "tap_cache"))
+    with open(os.path.join(out_dir, f"trainer_{process_id}.json"), "w") as f:
+      json.dump(results, f)
+  finally:
+    jax.distributed.shutdown()
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("mode", choices=("meshes", "multiprocess"))
+  parser.add_argument("mode", choices=("meshes", "multiprocess", "trainer"))
   parser.add_argument("out_dir")
+  parser.add_argument("--data_dir")
   parser.add_argument("--method", choices=METHODS, default="levi")
   parser.add_argument("--port", type=int)
   parser.add_argument("--process_id", type=int, default=0)
@@ -220,6 +265,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.mode == "meshes":
     meshes(args.out_dir, args.method)
+  elif args.mode == "trainer":
+    trainer_process(args.out_dir, args.data_dir, args.port, args.process_id, args.num_processes)
   else:
     multiprocess(args.out_dir, args.port, args.process_id, args.num_processes)
 

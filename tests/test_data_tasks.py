@@ -92,6 +92,24 @@ def test_host_shards_partition_the_split_deterministically(tasks):
   assert rows(0, 2) != a
 
 
+def test_numpy_shards_are_seqios_shards(tasks, world):
+  """`load_split_arrays(shard=...)`: the rows seqio yields for that ShardInfo."""
+  import seqio
+
+  full = pipeline.load_split_arrays(TASK, "train", data_dir=world, inputs_length=24)
+  for index in range(3):
+    via_seqio = _collect(tasks.get_dataset(TASK, "train", inputs_length=24,
+                                           shard_info=seqio.ShardInfo(index, 3)))
+    mine = pipeline.load_split_arrays(TASK, "train", data_dir=world, inputs_length=24,
+                                      shard=(index, 3))
+    assert set(mine) == set(via_seqio)
+    for k in mine:
+      np.testing.assert_array_equal(mine[k], via_seqio[k], err_msg=k)
+      np.testing.assert_array_equal(mine[k], full[k][index::3], err_msg=k)
+  with pytest.raises(ValueError, match="shard index 3 is out of range for 3 shards"):
+    pipeline.load_split_arrays(TASK, "train", data_dir=world, inputs_length=24, shard=(3, 3))
+
+
 def test_registration_is_idempotent_and_rebinds_the_data_dir(tasks, world, tmp_path):
   import seqio
 

@@ -17,6 +17,7 @@ import pytest
 
 import sharding_worker as worker
 from levi_jax import partitioning
+from levi_jax.data import pipeline, synthetic
 
 WORKER = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
 TIMEOUT_S = 300
@@ -53,6 +54,11 @@ def workers(tmp_path_factory):
   """Starts the 8-device run and the two-process run; kills them at the end."""
   mesh_dir = tmp_path_factory.mktemp("meshes")
   mp_dir = tmp_path_factory.mktemp("multiprocess")
+  trainer_dir = tmp_path_factory.mktemp("trainer")
+  world = str(tmp_path_factory.mktemp("world"))
+  synthetic.write_world(world, num_users=80, num_items=40, pretrain_num_users=20,
+                        pretrain_num_items=20, formats=("ml-100k",))
+  pipeline.vocabulary_path(worker.TRAINER_TASK, world)  # trained once, before the processes
   port = _free_port()
   procs = {name: _spawn(["meshes", str(mesh_dir), "--method", name], devices=8)
            for name in worker.METHODS}
@@ -60,8 +66,14 @@ def workers(tmp_path_factory):
     procs[f"process_{i}"] = _spawn(["multiprocess", str(mp_dir), "--port", str(port),
                                     "--process_id", str(i), "--num_processes", "2"],
                                    devices=2)
+  trainer_port = _free_port()
+  for i in range(2):
+    procs[f"trainer_{i}"] = _spawn(["trainer", str(trainer_dir), "--data_dir", world,
+                                    "--port", str(trainer_port), "--process_id", str(i),
+                                    "--num_processes", "2"], devices=2)
   try:
-    yield {"procs": procs, "meshes": mesh_dir, "multiprocess": mp_dir}
+    yield {"procs": procs, "meshes": mesh_dir, "multiprocess": mp_dir, "trainer": trainer_dir,
+           "world": world}
   finally:
     for proc in procs.values():
       if proc.poll() is None:
@@ -166,6 +178,30 @@ def test_two_processes_match_one(workers, reference):
         np.testing.assert_array_equal(runs[0][k], runs[1][k], err_msg=k)
     _assert_same({k: v for k, v in runs[0].items() if not k.endswith("/shard")},
                  reference["levi"], f"{mesh}/")
+
+
+@pytest.mark.slow
+def test_trainer_two_processes_read_their_shards(workers, tmp_path):
+  """`trainer.train` on two processes: each loads only its input shard of every
+  split, and the run equals one process reading both shards (input_shards=2)."""
+  for i in range(2):
+    _wait(workers["procs"][f"trainer_{i}"], f"trainer process {i}")
+  runs = [json.load(open(workers["trainer"] / f"trainer_{i}.json")) for i in range(2)]
+  one = worker.trainer_run(str(tmp_path / "one"), workers["world"], input_shards=2)
+  sizes = one["input"]["split_rows"]
+  assert one["input"]["process_rows"] == sizes and one["input"]["input_shards"] == 2
+  for i, run in enumerate(runs):
+    assert run["input"]["input_shards"] == 2 and run["input"]["processes"] == 2
+    assert run["input"]["split_rows"] == sizes
+    # Round-robin: process i holds rows i, i + 2, ... of every split, no more.
+    assert run["input"]["process_rows"] == {k: len(range(i, n, 2)) for k, n in sizes.items()}
+    assert run["tap_cache"]["used"] and run["tap_cache"]["misses"] == len(sizes)
+    assert run["final_train_loss"] == pytest.approx(one["final_train_loss"], rel=1e-5)
+    for split, m in one["metrics"].items():
+      assert run["metrics"][split]["rmse"] == pytest.approx(m["rmse"], rel=1e-5), split
+  assert runs[0]["metrics"] == runs[1]["metrics"]
+  # Each process wrote the tap-cache entries of its own rows.
+  assert len(list((workers["trainer"] / "tap_cache").rglob("*.npz"))) == 2 * len(sizes)
 
 
 @pytest.mark.parametrize("grid,expected", [

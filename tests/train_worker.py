@@ -12,20 +12,20 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from trainer_fixtures import task_data  # noqa: E402
 
-from levi_jax import trainer  # noqa: E402
+from levi_jax import input_pipeline, trainer  # noqa: E402
 from levi_jax.checkpointing import CheckpointConfig  # noqa: E402
 from levi_jax.optim import OptimizerConfig  # noqa: E402
 
 
 def main(model_dir: str):
   delay = float(os.environ.get("LEVI_STEP_DELAY", "0"))
-  indices = trainer.batch_indices
+  indices = input_pipeline.batch_indices
 
   def slow_indices(*args, **kwargs):
     time.sleep(delay)
     return indices(*args, **kwargs)
 
-  trainer.batch_indices = slow_indices  # the trainer calls it by this name
+  input_pipeline.batch_indices = slow_indices  # shard_batch_indices calls it by this name
   trainer.train(model_dir,
                 model=trainer.ModelConfig(method="levi", adapter_dim=16, fusion_hidden=(16,),
                                           task_hidden=(16,), aux_heads=False),

@@ -193,9 +193,15 @@ class PreparedTask:
         out[f.spec.name] = f.ids[index]
     return out
 
-  def source_arrays(self, split: str) -> dict[str, Any]:
-    """A split before tokenization: `inputs` text (list), feature ids, `targets`."""
+  def source_arrays(self, split: str, select: np.ndarray | None = None) -> dict[str, Any]:
+    """A split before tokenization: `inputs` text (list), feature ids, `targets`.
+
+    `select`: positions within the split to keep (in that order); only their
+    text is built.
+    """
     rows = self.rows(split)
+    if select is not None:
+      rows = rows[np.asarray(select, np.int64)]
     return {"inputs": self.texts(rows), **self.feature_ids(rows),
             "targets": self.table.rows["rating"][rows].astype(np.float32)}
 
@@ -280,22 +286,48 @@ def tokenize(texts: list[str], model_path: str, length: int) -> np.ndarray:
   return out
 
 
+def shard_positions(num_rows: int, index: int, num_shards: int) -> np.ndarray:
+  """Positions of shard `index` of `num_shards` in a split of `num_rows` rows.
+
+  Rows are dealt round-robin (position i to shard i % num_shards), the
+  convention of `seqio.ShardInfo` and `tf.data.Dataset.shard`.
+  """
+  if not 0 <= index < num_shards:
+    raise ValueError(f"shard index {index} is out of range for {num_shards} shards")
+  return np.arange(index, num_rows, num_shards)
+
+
 def load_split_arrays(name: str, split: str, data_dir: str | None = None,
                       inputs_length: int = DEFAULT_INPUTS_LENGTH, vocab_path: str | None = None,
-                      max_bad_fraction: float = datasets.DEFAULT_MAX_BAD_FRACTION
-                      ) -> dict[str, np.ndarray]:
-  """A whole split as numpy arrays, in the split's (deterministic) order.
+                      max_bad_fraction: float = datasets.DEFAULT_MAX_BAD_FRACTION,
+                      shard: tuple[int, int] | None = None,
+                      select: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """A split as numpy arrays, in the split's (deterministic) order.
+
+  Args:
+    shard: `(index, num_shards)`: only that shard's rows (`shard_positions`),
+      the rows `seqio.get_dataset(..., shard_info=seqio.ShardInfo(index,
+      num_shards))` yields for the split.
+    select: only these positions within the split (in this order).
+    Only the kept rows are tokenized.
 
   Returns:
     `inputs` int32 [n, inputs_length], each categorical feature int32 [n] or
     [n, K], `targets` float32 [n]; the same examples `levi_jax.data.tasks`
-    yields through seqio. Arrays are read-only (they are cached).
+    yields through seqio. Arrays are read-only (the whole split's are cached).
   """
   if inputs_length < 2:
     raise ValueError(f"inputs_length must be >= 2 (text plus EOS), got {inputs_length}")
+  if shard is not None and select is not None:
+    raise ValueError("pass either shard or select, not both")
   task = prepare(name, data_dir, max_bad_fraction)
   model = vocabulary_path(name, task.data_dir, vocab_path, max_bad_fraction)
-  return _split_arrays(task, split, inputs_length, model)
+  if shard is not None:
+    select = shard_positions(len(task.rows(split)), *shard)
+  if select is None:
+    return _split_arrays(task, split, inputs_length, model)
+  src = task.source_arrays(split, select)
+  return {"inputs": tokenize(src.pop("inputs"), model, inputs_length), **src}
 
 
 @functools.lru_cache(maxsize=4)  # One task's splits; real datasets' arrays are large.
