@@ -28,9 +28,10 @@ import numpy as np
 
 from levi_jax import (checkpointing, metric_logging, methods, partitioning, step as step_lib,
                       tap_cache)
-from levi_jax.input_pipeline import (InputShards, TaskData, batch_indices, eval_batches,
-                                     load_task_data, num_rows, select_shards, shard_batch_indices,
+from levi_jax.input_pipeline import (InputShards, TaskData, eval_batches, load_task_data,
+                                     num_rows, select_shards, shard_batch_indices,
                                      split_validation)
+from levi_jax.input_pipeline import batch_indices  # noqa: F401  (re-exported)
 from levi_jax.checkpointing import CheckpointConfig
 from levi_jax.models import lora as lora_lib
 from levi_jax.models import t5_encoder

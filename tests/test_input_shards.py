@@ -1,8 +1,6 @@
 """Input shards: which rows each process loads, and batches that do not depend on
 how many processes read the shards."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 

@@ -1,0 +1,392 @@
+"""The Figure-1 study: methods x shifts x seeds -> ID and OOD RMSE, ranks, LEVI vs FT.
+
+    python experiments/sweep.py --out experiments/results/sweep \\
+        --shifts gender_m_to_f,age_young_to_old --seeds 0,1,2
+    python experiments/sweep.py --out /tmp/sweep_all --shifts all --lora
+    python experiments/sweep.py --out /tmp/ml1m --data_dir /data/ml-1m-raw \\
+        --datasets movielens_1m --shifts all
+
+Each run is `trainer.train` with the base gin files (default
+`experiments/demo.gin`: the demo's backbone, pre-trained on the synthetic
+world's corpus, its steps and learning rate) plus the run's bindings
+(`runs.run_bindings`). Writes into --out:
+
+* `results.md`: rows = shifts, columns = methods, cells = ID and OOD RMSE
+  (mean ± sample std over seeds); the average rank of each method (ID, OOD);
+  LEVI's OOD improvement over FT; and the answer to the paper's Figure-1
+  question on each shift (`figure1_answer`).
+* `runs.csv` (one row per run and method column) and `summary.csv` (one row
+  per shift and method).
+* `results.png`: OOD RMSE relative to FT per shift and method, and the mean
+  ranks.
+* `runs/<task>/<method>/seed<k>/` (or under --runs_dir): each run's
+  MODEL_DIR (results.json, metrics.jsonl, config.gin), and `tap_cache/`;
+  existing results are reused, so a sweep resumes.
+
+LP-FT and WiSE-FT come from one `wiseft` run: it trains exactly as `lpft`
+(LP stage, then FT from there) and also keeps the LP-stage weights, so its
+final weights are LP-FT's and its interpolations WiSE-FT's; WiSE-FT reports
+the mixing weight with the best validation RMSE. Ensemble is the vanilla
+output average of LP and Scratch members. Frozen-backbone methods (LP, LEVI,
+Ensemble) read cached backbone taps (`levi_jax.tap_cache`) unless
+--no_tap_cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import runs  # noqa: E402
+
+# Table columns: (label, method that is trained, how its number is read).
+COLUMNS = {"FT": "ft", "LP": "lp", "LP-FT": "wiseft", "WiSE-FT": "wiseft",
+           "Scratch": "scratch", "Ensemble": "ensemble", "LEVI": "levi",
+           "LoRA": "lora", "LEVI+LoRA": "levi_lora"}
+DEFAULT_COLUMNS = ("FT", "LP", "LP-FT", "WiSE-FT", "Scratch", "Ensemble", "LEVI")
+LORA_COLUMNS = ("LoRA", "LEVI+LoRA")
+DEFAULT_DATASETS = ("movielens_100k", "amazon_2018")
+
+
+def tasks_for(shifts: Sequence[str], datasets: Sequence[str]) -> list[str]:
+  """Task names: `all` = every shift of `datasets`; a shift name is looked up in them."""
+  from levi_jax.data import pipeline
+  known = pipeline.task_names()
+  if list(shifts) == ["all"]:
+    return [t for d in datasets for t in known if t.startswith(d + ".")]
+  out = []
+  for s in shifts:
+    matches = [s] if s in known else [f"{d}.{s}" for d in datasets if f"{d}.{s}" in known]
+    if not matches:
+      pipeline.lookup_task(f"{datasets[0]}.{s}")  # raises, naming close matches
+    out += matches
+  return out
+
+
+def records_of(results: Mapping[str, Any], task: str, seed: int,
+               columns: Sequence[str]) -> list[dict[str, Any]]:
+  """Table records (one per column the run feeds) from one run's results."""
+  metric = lambda m, split: m.get(split, {}).get("rmse", float("nan"))
+  base = {"task": task, "dataset": task.split(".")[0], "shift": task.split(".", 1)[1],
+          "seed": seed, "method": results["method"],
+          "train_time_s": results.get("train_time_s"), "wall_time_s": results.get("wall_time_s"),
+          "params_trained": results.get("params_trained"),
+          "params_total": results.get("params_total")}
+  out = []
+  for col in columns:
+    if COLUMNS[col] != results["method"]:
+      continue
+    m, extra = results["metrics"], {}
+    if col == "WiSE-FT":
+      alpha, m = min(results["wise_ft"].items(), key=lambda kv: kv[1]["validation"]["rmse"])
+      extra = {"wise_alpha": float(alpha)}
+    out.append({**base, "column": col, "val_rmse": metric(m, "validation"),
+                "id_rmse": metric(m, "id_test"), "ood_rmse": metric(m, "ood_test"), **extra})
+  return out
+
+
+def summarize(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """One row per (task, column): mean, std and count of ID, OOD and validation RMSE."""
+  keys = sorted({(r["task"], r["column"]) for r in records})
+  out = []
+  for task, col in keys:
+    rs = [r for r in records if r["task"] == task and r["column"] == col]
+    row = {"task": task, "column": col}
+    for k in ("id", "ood", "val"):
+      row[f"{k}_mean"], row[f"{k}_std"], row["seeds"] = runs.mean_std(
+          float(r[f"{k}_rmse"]) for r in rs)
+    out.append(row)
+  return out
+
+
+def _table(summary: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Mapping[str, Any]]]:
+  t: dict[str, dict[str, Mapping[str, Any]]] = {}
+  for row in summary:
+    t.setdefault(row["task"], {})[row["column"]] = row
+  return t
+
+
+def _ranks(values: Sequence[float]) -> np.ndarray:
+  """1 = lowest; ties share the mean of their ranks."""
+  v = np.asarray(values, np.float64)
+  order = np.argsort(v, kind="stable")
+  ranks = np.empty(len(v))
+  ranks[order] = np.arange(1, len(v) + 1)
+  for x in np.unique(v):
+    ranks[v == x] = ranks[v == x].mean()
+  return ranks
+
+
+def average_ranks(summary: Sequence[Mapping[str, Any]], columns: Sequence[str],
+                  split: str = "ood") -> dict[str, float]:
+  """Each column's rank by mean RMSE on `split`, averaged over the shifts that have all columns."""
+  table = _table(summary)
+  per_task = [[table[t][c][f"{split}_mean"] for c in columns] for t in sorted(table)
+              if all(c in table[t] for c in columns)]
+  if not per_task:
+    return {}
+  ranks = np.mean([_ranks(v) for v in per_task], axis=0)
+  return dict(zip(columns, map(float, ranks)))
+
+
+def improvement(summary: Sequence[Mapping[str, Any]], better: str = "LEVI", than: str = "FT",
+                split: str = "ood") -> dict[str, Any]:
+  """Relative RMSE reduction (%) of `better` over `than`, per shift and its mean ± std."""
+  table = _table(summary)
+  per = {t: 100.0 * (row[than][f"{split}_mean"] - row[better][f"{split}_mean"])
+         / row[than][f"{split}_mean"] for t, row in table.items() if better in row and than in row}
+  mean, std, n = runs.mean_std(per.values())
+  return {"per_shift": per, "mean": mean, "std": std, "shifts": n,
+          "wins": sum(v > 0 for v in per.values())}
+
+
+def seed_wins(records: Sequence[Mapping[str, Any]], task: str, better: str, than: str,
+              split: str = "ood") -> tuple[int, int]:
+  """(seeds where `better`'s RMSE on `split` is below `than`'s, seeds both ran)."""
+  by = {(r["column"], int(r["seed"])): float(r[f"{split}_rmse"]) for r in records
+        if r["task"] == task}
+  seeds = sorted(s for c, s in by if c == better and (than, s) in by)
+  return sum(by[(better, s)] < by[(than, s)] for s in seeds), len(seeds)
+
+
+def figure1_answer(summary: Sequence[Mapping[str, Any]], id_tolerance: float = 0.03,
+                   records: Sequence[Mapping[str, Any]] = ()) -> dict[str, dict[str, Any]]:
+  """Per shift: the paper's Figure-1 question, from the seed means.
+
+  `ft_worst`: FT's OOD RMSE is above both LP's and Scratch's. `levi_best_ood`:
+  LEVI's OOD RMSE is below every other column's. `levi_id_ok`: LEVI's ID RMSE
+  is within `id_tolerance` (relative) of the best ID RMSE. `levi_ood_margin`:
+  the best other OOD RMSE minus LEVI's (positive: LEVI is better). With the
+  per-seed `records`, `seeds_levi_beats_best_other` and `seeds_levi_beats_ft`
+  count the seeds where LEVI's OOD RMSE is the lower one, as (wins, seeds).
+  """
+  out = {}
+  for task, row in _table(summary).items():
+    if not {"FT", "LP", "Scratch", "LEVI"} <= set(row):
+      continue
+    ood = {c: r["ood_mean"] for c, r in row.items()}
+    others = {c: v for c, v in ood.items() if c != "LEVI"}
+    best_other = min(others, key=others.get)
+    best_id = min(r["id_mean"] for r in row.values())
+    out[task] = {
+        "ft_worst": bool(ood["FT"] > ood["LP"] and ood["FT"] > ood["Scratch"]),
+        "levi_best_ood": bool(ood["LEVI"] < others[best_other]),
+        "levi_ood_margin": float(others[best_other] - ood["LEVI"]),
+        "best_other_ood": best_other,
+        "levi_id_gap": float(row["LEVI"]["id_mean"] / best_id - 1.0),
+        "levi_id_ok": bool(row["LEVI"]["id_mean"] <= (1.0 + id_tolerance) * best_id),
+    }
+    if records:
+      out[task]["seeds_levi_beats_best_other"] = seed_wins(records, task, "LEVI", best_other)
+      out[task]["seeds_levi_beats_ft"] = seed_wins(records, task, "LEVI", "FT")
+  return out
+
+
+def markdown(summary: Sequence[Mapping[str, Any]], columns: Sequence[str], header: str,
+             id_tolerance: float = 0.03, records: Sequence[Mapping[str, Any]] = ()) -> str:
+  """The results page: the table, ranks, LEVI vs FT and the Figure-1 answer."""
+  table = _table(summary)
+  cols = [c for c in columns if any(c in row for row in table.values())]
+  lines = [header, "",
+           "Cells: ID-test RMSE / OOD-test RMSE, mean ± sample std over seeds "
+           "(lower is better; **bold**: the best OOD of the row).", "",
+           "| shift | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+  for task in sorted(table):
+    row = table[task]
+    best = min((row[c]["ood_mean"] for c in cols if c in row), default=None)
+    cells = []
+    for c in cols:
+      if c not in row:
+        cells.append("-")
+        continue
+      r = row[c]
+      ood = runs.fmt(r["ood_mean"], r["ood_std"], r["seeds"])
+      if r["ood_mean"] == best:
+        ood = f"**{ood}**"
+      cells.append(f"{runs.fmt(r['id_mean'], r['id_std'], r['seeds'])} / {ood}")
+    lines.append(f"| {task} | " + " | ".join(cells) + " |")
+  for split, name in (("id", "ID"), ("ood", "OOD")):
+    ranks = average_ranks(summary, cols, split)
+    if ranks:
+      lines.append(f"| average {name} rank | " + " | ".join(f"{ranks[c]:.2f}" for c in cols)
+                   + " |")
+  lines.append("")
+  imp = improvement(summary)
+  if imp["shifts"]:
+    spread = f" (std over shifts {imp['std']:.2f}%)" if imp["shifts"] > 1 else ""
+    lines.append(f"**LEVI vs FT, OOD:** mean relative RMSE reduction {imp['mean']:+.2f}%"
+                 f"{spread}, LEVI lower on {imp['wins']} of {imp['shifts']} shifts.")
+    lines.append("")
+  answer = figure1_answer(summary, id_tolerance, records)
+  if answer:
+    n = len(answer)
+    count = lambda k: sum(a[k] for a in answer.values())
+    lines += [
+        "## The Figure-1 question, as measured", "",
+        f"* FT's OOD error above both LP's and Scratch's: {count('ft_worst')} of {n} shifts.",
+        f"* LEVI's OOD error below every other method's: {count('levi_best_ood')} of {n}.",
+        f"* LEVI's ID error within {100 * id_tolerance:.0f}% of the best ID: "
+        f"{count('levi_id_ok')} of {n}.", "",
+        "| shift | FT OOD worse than LP and Scratch | LEVI best OOD (margin to the best other) "
+        "| seeds LEVI OOD < best other | seeds LEVI OOD < FT | LEVI ID vs best ID |",
+        "|---|---|---|---|---|---|"]
+    wins = lambda a, k: "{}/{}".format(*a[k]) if k in a else "-"
+    for task, a in sorted(answer.items()):
+      lines.append(f"| {task} | {'yes' if a['ft_worst'] else 'no'} | "
+                   f"{'yes' if a['levi_best_ood'] else 'no'} ({a['levi_ood_margin']:+.4f} vs "
+                   f"{a['best_other_ood']}) | {wins(a, 'seeds_levi_beats_best_other')} | "
+                   f"{wins(a, 'seeds_levi_beats_ft')} | {100 * a['levi_id_gap']:+.1f}% |")
+    lines.append("")
+  return "\n".join(lines) + "\n"
+
+
+def chart(summary: Sequence[Mapping[str, Any]], columns: Sequence[str], path: str, title: str):
+  """OOD RMSE relative to FT (shifts x methods) and the average ranks."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  table = _table(summary)
+  tasks = sorted(table)
+  cols = [c for c in columns if any(c in table[t] for t in tasks)]
+  rel = np.full((len(tasks), len(cols)), np.nan)
+  for i, t in enumerate(tasks):
+    ft = table[t].get("FT", {}).get("ood_mean")
+    for j, c in enumerate(cols):
+      if c in table[t] and ft:
+        rel[i, j] = table[t][c]["ood_mean"] / ft
+  fig, (ax, bx) = plt.subplots(1, 2, figsize=(4 + 1.1 * len(cols) * 2, 1.5 + 0.35 * len(tasks)),
+                               gridspec_kw={"width_ratios": [3, 2]})
+  span = np.nanmax(np.abs(rel - 1.0)) if np.isfinite(rel).any() else 0.1
+  im = ax.imshow(rel, cmap="RdYlGn_r", vmin=1 - span, vmax=1 + span, aspect="auto")
+  ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+  ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
+  for i in range(len(tasks)):
+    for j in range(len(cols)):
+      if np.isfinite(rel[i, j]):
+        ax.text(j, i, f"{rel[i, j]:.3f}", ha="center", va="center", fontsize=6)
+  ax.set_title("OOD RMSE / FT's OOD RMSE (lower is better)", fontsize=9)
+  fig.colorbar(im, ax=ax, fraction=0.04)
+  x = np.arange(len(cols))
+  for k, (split, name) in enumerate((("id", "ID"), ("ood", "OOD"))):
+    ranks = average_ranks(summary, cols, split)
+    bx.bar(x + (k - 0.5) * 0.4, [ranks.get(c, np.nan) for c in cols], 0.4, label=name)
+  bx.set_xticks(x, cols, rotation=30, ha="right")
+  bx.set_ylabel("average rank over shifts (1 = best)")
+  bx.legend()
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--out", required=True, help="results folder")
+  p.add_argument("--shifts", default="gender_m_to_f",
+                 help="comma-separated shift (or task) names, or 'all'")
+  p.add_argument("--datasets", default=",".join(DEFAULT_DATASETS),
+                 help="datasets whose shifts --shifts names")
+  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--columns", default=",".join(DEFAULT_COLUMNS),
+                 help=f"table columns, of {','.join(COLUMNS)}")
+  p.add_argument("--lora", action="store_true", help="add the LoRA and LEVI+LoRA columns")
+  p.add_argument("--steps", type=int, default=None, help="TRAIN_STEPS (default: the gin's)")
+  p.add_argument("--data_dir", default="", help="raw data folder ('' = the synthetic world)")
+  p.add_argument("--backbone", default="config", choices=sorted(runs.BACKBONES),
+                 help="config: as the gin files set it; random; minilm")
+  p.add_argument("--gin_file", action="append", default=None,
+                 help=f"base gin files (default {runs.BASE_GIN[0]})")
+  p.add_argument("--gin", action="append", default=[], help="extra gin binding")
+  p.add_argument("--no_tap_cache", action="store_true")
+  p.add_argument("--oov_dropout", type=float, default=0.0,
+                 help="train the small model with this share of known feature ids set to OOV "
+                      "(runs.oov_dropout); its runs go to METHOD+oov<rate>/")
+  p.add_argument("--id_tolerance", type=float, default=0.03)
+  p.add_argument("--keep_checkpoints", action="store_true")
+  p.add_argument("--runs_dir", default="",
+                 help="where each run's MODEL_DIR and the tap cache go (default OUT/runs); "
+                      "sweeps sharing it reuse each other's runs")
+  p.add_argument("--multiprocess", action="store_true",
+                 help="call jax.distributed.initialize() first (TPU pods, multi-host GPU)")
+  args = p.parse_args(argv)
+  args.columns = runs.parse_list(args.columns) + (list(LORA_COLUMNS) if args.lora else [])
+  unknown = set(args.columns) - set(COLUMNS)
+  if unknown:
+    p.error(f"unknown columns {sorted(unknown)}; expected some of {list(COLUMNS)}")
+  args.seeds = runs.parse_list(args.seeds, int)
+  args.gin_file = args.gin_file or list(runs.BASE_GIN)
+  return args
+
+
+def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
+  """Runs the sweep and writes the outputs; returns {records, summary, markdown}."""
+  out = os.path.abspath(args.out)
+  runs_dir = os.path.abspath(args.runs_dir or os.path.join(out, "runs"))
+  tasks = tasks_for(runs.parse_list(args.shifts), runs.parse_list(args.datasets))
+  methods = list(dict.fromkeys(COLUMNS[c] for c in args.columns))
+  cache = "" if args.no_tap_cache else os.path.join(runs_dir, "tap_cache")
+  records = []
+  total, k = len(tasks) * len(methods) * len(args.seeds), 0
+  for task in tasks:
+    for seed in args.seeds:
+      for method in methods:
+        k += 1
+        oov = args.oov_dropout if method in runs.FEATURE_METHODS else 0.0
+        name = f"{method}+oov{oov:g}" if oov else method
+        model_dir = os.path.join(runs_dir, task, name, f"seed{seed}")
+        bindings = runs.run_bindings(
+            model_dir, method, task, seed, backbone=args.backbone, data_dir=args.data_dir,
+            steps=args.steps, tap_cache_dir=cache if method in runs.TAP_CACHE_METHODS else "",
+            extra=args.gin)
+        t = time.time()
+        r = runs.train_run(model_dir, bindings, args.gin_file, args.keep_checkpoints, oov, seed)
+        m = r["metrics"]
+        print(f"[{k}/{total}] {task} {method} seed {seed}: ID {m['id_test']['rmse']:.4f} "
+              f"OOD {m['ood_test']['rmse']:.4f} ({time.time() - t:.0f}s)", flush=True)
+        records += records_of(r, task, seed, args.columns)
+  summary = summarize(records)
+  run_time = sum(r["wall_time_s"] or 0.0 for r in records if r["column"] != "WiSE-FT")
+  header = (f"# Methods x shifts: ID and OOD RMSE\n\n"
+            f"{len(tasks)} shifts x {len(methods)} trained methods x seeds "
+            f"{','.join(map(str, args.seeds))}; backbone `{args.backbone}`; data_dir "
+            f"`{args.data_dir or 'of the gin (demo: the synthetic world)'}`; base gin {', '.join(args.gin_file)}"
+            + (f"; steps {args.steps}" if args.steps else "")
+            + (f"; bindings {args.gin}" if args.gin else "")
+            + (f"; small-model OOV dropout {args.oov_dropout:g}" if args.oov_dropout else "")
+            + f"; the runs took {run_time / 60:.0f} min of wall time in all."
+            f"\n\nCommand: `{command}`")
+  md = markdown(summary, args.columns, header, args.id_tolerance, records)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write(md)
+  runs.write_csv(os.path.join(out, "runs.csv"), records)
+  runs.write_csv(os.path.join(out, "summary.csv"), summary)
+  chart(summary, args.columns, os.path.join(out, "results.png"),
+        f"{len(tasks)} shifts, seeds {','.join(map(str, args.seeds))}, backbone {args.backbone}")
+  with open(os.path.join(out, "figure1.json"), "w") as f:
+    json.dump({"figure1": figure1_answer(summary, args.id_tolerance, records),
+               "levi_vs_ft_ood": improvement(summary),
+               "average_rank_ood": average_ranks(summary, args.columns, "ood"),
+               "average_rank_id": average_ranks(summary, args.columns, "id")}, f, indent=1)
+  return {"records": records, "summary": summary, "markdown": md}
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  runs.initialize_multiprocess(args.multiprocess)
+  command = runs.command_line("sweep.py", argv)
+  result = run(args, command)
+  print(result["markdown"])
+  print(f"wrote {args.out}/results.md, runs.csv, summary.csv, results.png")
+
+
+if __name__ == "__main__":
+  main()
