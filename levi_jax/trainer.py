@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from typing import Any, Mapping
 
@@ -227,6 +228,16 @@ def count_params(tree: Any) -> int:
   return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
 
 
+def _require_filesystem_path(what: str, path: str | None):
+  """Raises for a URL (gs://...): run directories, data and checkpoints are read and
+  written through the file system (a bucket mounted with gcsfuse, an NFS share)."""
+  if path and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(path)):
+    raise ValueError(
+        f"{what} is {path!r}, a URL; levi_jax reads and writes run directories, data and "
+        f"checkpoints through the file system. Mount the bucket on every host (e.g. "
+        f"`gcsfuse --implicit-dirs BUCKET /gcs/BUCKET`) and pass the mounted path.")
+
+
 def _global_max(value: int) -> int:
   """The largest of every process's `value`."""
   if jax.process_count() == 1:
@@ -275,6 +286,11 @@ def train(
     restore_step: with eval_only, which checkpoint step to evaluate.
   """
   t_start = time.time()
+  for what, path in (("MODEL_DIR", model_dir), ("DataConfig.data_dir", data.data_dir),
+                     ("DataConfig.tap_cache_dir", data.tap_cache_dir),
+                     ("INITIAL_CHECKPOINT_PATH", initial_checkpoint_path),
+                     ("PretrainedConfig.path", model.pretrained and model.pretrained.path)):
+    _require_filesystem_path(what, path)
   os.makedirs(model_dir, exist_ok=True)
   # --- Mesh -------------------------------------------------------------------
   device_mesh = partitioning.make_mesh(mesh)

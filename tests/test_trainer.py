@@ -246,3 +246,13 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
   pa = ocp.StandardCheckpointer().restore(str(tmp_path / "clean/checkpoints/30/state"))
   pb = ocp.StandardCheckpointer().restore(str(tmp_path / "killed/checkpoints/30/state"))
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), pa, pb)
+
+
+def test_url_paths_are_refused_before_anything_is_written(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match=r"MODEL_DIR is 'gs://bucket/run', a URL.*gcsfuse"):
+    trainer.train("gs://bucket/run", task_data=task_data())
+  with pytest.raises(ValueError, match=r"INITIAL_CHECKPOINT_PATH is 'gs://b/ckpt', a URL"):
+    trainer.train(str(tmp_path / "run"), initial_checkpoint_path="gs://b/ckpt",
+                  task_data=task_data())
+  assert not os.path.exists(tmp_path / "gs:") and not os.path.exists(tmp_path / "run")
