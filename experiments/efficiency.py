@@ -178,7 +178,7 @@ def markdown(report: dict[str, Any]) -> str:
            "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     xm = r["xla_memory"]["peak_estimate"] / 2**20 if r["xla_memory"] else float("nan")
-    vs = f"{r['step_s'] / ft['step_s']:.2f}x" if ft else "-"
+    vs = f"{r['step_s'] / ft['step_s']:.2g}x" if ft else "-"
     lines.append(f"| {r['variant']} | {r['params_trained']:,} | {r['params_total']:,} | "
                  f"{1e3 * r['step_s']:.1f} | {vs} | {r['train_examples_per_s']:.0f} | {xm:.1f} | "
                  f"{r['rss_peak_mb']:.0f} | {r['inference_us_per_example']:.1f} | "
