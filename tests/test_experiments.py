@@ -224,3 +224,22 @@ def test_paper_scale_gin_files_bind_t5x_backbones(files, backbone, batch, fsdp):
   task = data.task.split(".")[0]
   assert task == ("movielens_1m" if "paper_movielens_1m" in files[-1] else "amazon_2018")
   gin.clear_config()
+
+
+def test_backbone_choices_bind_what_they_say():
+  """`--backbone config|random|minilm`: the demo's checkpoint, none, the packaged MiniLM."""
+  from levi_jax import trainer
+  seen = {}
+  for name in ("config", "random", "minilm"):
+    gin.clear_config()
+    gin_utils.parse(["experiments/demo.gin"],
+                    sweep.runs.run_bindings("/unused", "levi", "movielens_100k.gender_m_to_f", 0,
+                                            backbone=name), gin_utils.GIN_SEARCH_PATHS)
+    pre = gin.get_configurable(trainer.ModelConfig)().pretrained
+    seen[name] = (gin.query_parameter("%INITIAL_CHECKPOINT_PATH"),
+                  pre.format if pre is not None else None)
+  gin.clear_config()
+  assert seen == {"config": ("experiments/checkpoints/synthetic_t5_small", None),
+                  "random": (None, None), "minilm": (None, "minilm_l6")}
+  with pytest.raises(ValueError, match="unknown backbone 'bert'"):
+    sweep.runs.run_bindings("/unused", "levi", "t", 0, backbone="bert")
