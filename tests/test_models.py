@@ -10,7 +10,7 @@ from flax import traverse_util
 from levi_jax import methods, step
 from levi_jax.models import lora as lora_lib
 from levi_jax.models import t5_encoder as t5
-from levi_jax.models.levi import LeviModel, pool, resolve_taps
+from levi_jax.models.levi import pool, resolve_taps
 from levi_jax.models.task_net import (CategoricalFeature, FeatureTower, TokenTower,
                                       validate_features)
 from levi_jax.optim import OptimizerConfig, make_optimizer
