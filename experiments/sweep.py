@@ -41,12 +41,16 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
+import gin
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import runs  # noqa: E402
 
+from levi_jax import gin_utils  # noqa: E402
+
 # Table columns: (label, method that is trained, how its number is read).
+MEAN_COLUMN = "train mean"
 COLUMNS = {"FT": "ft", "LP": "lp", "LP-FT": "wiseft", "WiSE-FT": "wiseft",
            "Scratch": "scratch", "Ensemble": "ensemble", "LEVI": "levi",
            "LoRA": "lora", "LEVI+LoRA": "levi_lora"}
@@ -189,15 +193,46 @@ def figure1_answer(summary: Sequence[Mapping[str, Any]], id_tolerance: float = 0
   return out
 
 
+def constant_baseline(task: str, data_dir: str = "") -> dict[str, float]:
+  """RMSE of predicting the training split's mean rating, per evaluation split.
+
+  A reference no method should fall behind: a model whose OOD RMSE is above
+  it has learned nothing that transfers to the OOD population.
+  """
+  from levi_jax.data import pipeline
+  prepared = pipeline.prepare(task, data_dir or None)
+  rating = lambda split: prepared.table.rows["rating"][prepared.rows(split)].astype(np.float64)
+  mean = rating("train").mean()
+  return {split: float(np.sqrt(np.mean((rating(split) - mean) ** 2)))
+          for split in prepared.splits if split != "train"}
+
+
+def beats_mean(table: Mapping[str, Mapping[str, Mapping[str, Any]]],
+               baselines: Mapping[str, Mapping[str, float]], cols: Sequence[str]
+               ) -> dict[str, int]:
+  """Per column: on how many shifts its mean OOD RMSE is below the training-mean predictor's."""
+  return {c: sum(row[c]["ood_mean"] < baselines[t]["ood_test"] for t, row in table.items()
+                 if c in row and t in baselines) for c in cols}
+
+
 def markdown(summary: Sequence[Mapping[str, Any]], columns: Sequence[str], header: str,
-             id_tolerance: float = 0.03, records: Sequence[Mapping[str, Any]] = ()) -> str:
-  """The results page: the table, ranks, LEVI vs FT and the Figure-1 answer."""
+             id_tolerance: float = 0.03, records: Sequence[Mapping[str, Any]] = (),
+             baselines: Mapping[str, Mapping[str, float]] | None = None) -> str:
+  """The results page: the table, ranks, LEVI vs FT and the Figure-1 answer.
+
+  `baselines`: task -> `constant_baseline`, shown as a last, unranked column.
+  """
   table = _table(summary)
   cols = [c for c in columns if any(c in row for row in table.values())]
+  baselines = baselines or {}
+  mean_col = [MEAN_COLUMN] if baselines else []
   lines = [header, "",
            "Cells: ID-test RMSE / OOD-test RMSE, mean ± sample std over seeds "
-           "(lower is better; **bold**: the best OOD of the row).", "",
-           "| shift | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+           "(lower is better; **bold**: the best OOD of the row)"
+           + (f"; `{MEAN_COLUMN}`: predicting the training split's mean rating, for "
+              "reference (not ranked)" if baselines else "") + ".", "",
+           "| shift | " + " | ".join(cols + mean_col) + " |",
+           "|---|" + "---|" * len(cols + mean_col)]
   for task in sorted(table):
     row = table[task]
     best = min((row[c]["ood_mean"] for c in cols if c in row), default=None)
@@ -211,6 +246,9 @@ def markdown(summary: Sequence[Mapping[str, Any]], columns: Sequence[str], heade
       if r["ood_mean"] == best:
         ood = f"**{ood}**"
       cells.append(f"{runs.fmt(r['id_mean'], r['id_std'], r['seeds'])} / {ood}")
+    if baselines:
+      b = baselines.get(task, {})
+      cells.append(f"{b.get('id_test', float('nan')):.3f} / {b.get('ood_test', float('nan')):.3f}")
     lines.append(f"| {task} | " + " | ".join(cells) + " |")
   for split, name in (("id", "ID"), ("ood", "OOD")):
     ranks = average_ranks(summary, cols, split)
@@ -233,7 +271,10 @@ def markdown(summary: Sequence[Mapping[str, Any]], columns: Sequence[str], heade
         f"* FT's OOD error above both LP's and Scratch's: {count('ft_worst')} of {n} shifts.",
         f"* LEVI's OOD error below every other method's: {count('levi_best_ood')} of {n}.",
         f"* LEVI's ID error within {100 * id_tolerance:.0f}% of the best ID: "
-        f"{count('levi_id_ok')} of {n}.", "",
+        f"{count('levi_id_ok')} of {n}.",
+        *([f"* OOD error below the training-mean predictor's ({MEAN_COLUMN}), shifts of "
+           f"{n}: " + ", ".join(f"{c} {k}" for c, k in beats_mean(table, baselines, cols).items())
+           + "."] if baselines else []), "",
         "| shift | FT OOD worse than LP and Scratch | LEVI best OOD (margin to the best other) "
         "| seeds LEVI OOD < best other | seeds LEVI OOD < FT | LEVI ID vs best ID |",
         "|---|---|---|---|---|---|"]
@@ -353,6 +394,14 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
               f"OOD {m['ood_test']['rmse']:.4f} ({time.time() - t:.0f}s)", flush=True)
         records += records_of(r, task, seed, args.columns)
   summary = summarize(records)
+  data_dir = args.data_dir
+  if not data_dir:  # the base gin files' DATA_DIR ('' there: the synthetic world)
+    gin.clear_config()
+    gin_utils.parse(args.gin_file, ["MODEL_DIR = '/unused'", *args.gin],
+                    gin_utils.GIN_SEARCH_PATHS)
+    data_dir = gin.query_parameter("%DATA_DIR") or ""
+    gin.clear_config()
+  baselines = {task: constant_baseline(task, data_dir) for task in tasks}
   run_time = sum(r["wall_time_s"] or 0.0 for r in records if r["column"] != "WiSE-FT")
   header = (f"# Methods x shifts: ID and OOD RMSE\n\n"
             f"{len(tasks)} shifts x {len(methods)} trained methods x seeds "
@@ -363,7 +412,7 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
             + (f"; small-model OOV dropout {args.oov_dropout:g}" if args.oov_dropout else "")
             + f"; the runs took {run_time / 60:.0f} min of wall time in all."
             f"\n\nCommand: `{command}`")
-  md = markdown(summary, args.columns, header, args.id_tolerance, records)
+  md = markdown(summary, args.columns, header, args.id_tolerance, records, baselines)
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write(md)
@@ -375,8 +424,9 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     json.dump({"figure1": figure1_answer(summary, args.id_tolerance, records),
                "levi_vs_ft_ood": improvement(summary),
                "average_rank_ood": average_ranks(summary, args.columns, "ood"),
-               "average_rank_id": average_ranks(summary, args.columns, "id")}, f, indent=1)
-  return {"records": records, "summary": summary, "markdown": md}
+               "average_rank_id": average_ranks(summary, args.columns, "id"),
+               "train_mean_baseline": baselines}, f, indent=1)
+  return {"records": records, "summary": summary, "markdown": md, "baselines": baselines}
 
 
 def main(argv=None):

@@ -59,6 +59,10 @@ def test_sweep_end_to_end(tmp_path, world):
   md = (tmp_path / "results.md").read_text()
   assert "| shift | LP-FT | WiSE-FT | LEVI |" in md and "| movielens_100k.gender_m_to_f |" in md
   assert "average OOD rank" in md and "Command: `cmd`" in md
+  # The training-mean reference, from the world's ratings.
+  base = result["baselines"]["movielens_100k.gender_m_to_f"]
+  assert set(base) == {"validation", "id_test", "ood_test"} and 0.3 < base["ood_test"] < 3
+  assert f"{base['id_test']:.3f} / {base['ood_test']:.3f} |" in md
   assert (tmp_path / "results.png").stat().st_size > 10_000
   assert len(rows(tmp_path / "summary.csv")) == 3
   levi = json.load(open(run_dir / "levi/seed0/results.json"))
@@ -101,6 +105,12 @@ def test_sweep_tables():
   assert ans["b"]["levi_id_gap"] == pytest.approx(0.1) and not ans["b"]["levi_id_ok"]
   md = sweep.markdown(s, cols, "# t", id_tolerance=0.05, records=recs)
   assert "| a | 1.000 ± 0.000 / 1.500 ± 0.141 |" in md and "**1.200 ± 0.212**" in md
+  base = {"a": {"id_test": 1.3, "ood_test": 1.45}, "b": {"id_test": 1.0, "ood_test": 1.15}}
+  with_mean = sweep.markdown(s, cols, "# t", id_tolerance=0.05, records=recs, baselines=base)
+  assert "| shift | FT | LP | Scratch | LEVI | train mean |" in with_mean
+  assert "| 1.300 / 1.450 |" in with_mean
+  # OOD below the mean predictor: FT on b; LP on a and b; Scratch on a; LEVI on a and b.
+  assert "(train mean), shifts of 2: FT 1, LP 2, Scratch 1, LEVI 2." in with_mean
   assert "| a | yes | yes (+0.1000 vs LP) | 1/2 | 2/2 | +1.0% |" in md
   assert "1 of 2 shifts" in md and "LEVI lower on 1 of 2 shifts" in md
   assert sweep.tasks_for(["all"], ["movielens_100k", "amazon_2018"]).__len__() == 27
