@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark  # noqa: E402
 import runs  # noqa: E402
 
-from levi_jax import demo, gin_utils, methods, partitioning, step, tap_cache, trainer  # noqa: E402
+from levi_jax import demo, methods, partitioning, step, tap_cache, trainer  # noqa: E402
 from levi_jax.models.levi import CACHED_TAPS  # noqa: E402
 from levi_jax.optim import OptimizerConfig, make_optimizer  # noqa: E402
 
@@ -51,8 +51,7 @@ VARIANTS = {"FT": "ft", "LoRA-FT": "lora", "LEVI": "levi", "LEVI+LoRA": "levi_lo
 
 def configs(gin_files, bindings) -> dict[str, Any]:
   """The model, data and optimizer configs and initial checkpoint the gin files bind."""
-  gin.clear_config()
-  gin_utils.parse(gin_files, ["MODEL_DIR = '/unused'", *bindings], gin_utils.GIN_SEARCH_PATHS)
+  runs.parse_base(gin_files, bindings)
   return {"model": gin.get_configurable(trainer.ModelConfig)(),
           "data": gin.get_configurable(trainer.DataConfig)(),
           "optimizer": gin.get_configurable(OptimizerConfig)(),

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import runs  # noqa: E402
 import sweep  # noqa: E402
 
-from levi_jax import demo, gin_utils, trainer  # noqa: E402
+from levi_jax import demo, trainer  # noqa: E402
 from levi_jax.models import t5_encoder  # noqa: E402
 
 TAP_SET_NAMES = ("none", "last", "middle", "middle+last", "every_other", "all")
@@ -47,8 +47,7 @@ def tap_sets(num_layers: int, names: Sequence[str] = TAP_SET_NAMES) -> dict[str,
 
 def backbone_layers(gin_files: Sequence[str], bindings: Sequence[str]) -> int:
   """The number of layers of the backbone the gin config builds."""
-  gin.clear_config()
-  gin_utils.parse(gin_files, ["MODEL_DIR = '/unused'", *bindings], gin_utils.GIN_SEARCH_PATHS)
+  runs.parse_base(gin_files, bindings)
   model = gin.get_configurable(trainer.ModelConfig)()
   if model.pretrained is not None:
     from levi_jax.checkpoints import backbones

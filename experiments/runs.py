@@ -76,6 +76,12 @@ def run_bindings(model_dir: str, method: str, task: str, seed: int, *, backbone:
   return out + list(extra)
 
 
+def parse_base(gin_files: Sequence[str], bindings: Sequence[str] = ()):
+  """Parses the base gin files and `bindings` alone (no run) to read what they bind."""
+  gin.clear_config()
+  gin_utils.parse(gin_files, ["MODEL_DIR = '/unused'", *bindings], gin_utils.GIN_SEARCH_PATHS)
+
+
 def train_run(model_dir: str, bindings: Sequence[str], gin_files: Sequence[str] = BASE_GIN,
               keep_checkpoints: bool = False, oov_rate: float = 0.0, seed: int = 0
               ) -> dict[str, Any]:

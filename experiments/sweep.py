@@ -47,8 +47,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import runs  # noqa: E402
 
-from levi_jax import gin_utils  # noqa: E402
-
 # Table columns: (label, method that is trained, how its number is read).
 MEAN_COLUMN = "train mean"
 COLUMNS = {"FT": "ft", "LP": "lp", "LP-FT": "wiseft", "WiSE-FT": "wiseft",
@@ -396,9 +394,7 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
   summary = summarize(records)
   data_dir = args.data_dir
   if not data_dir:  # the base gin files' DATA_DIR ('' there: the synthetic world)
-    gin.clear_config()
-    gin_utils.parse(args.gin_file, ["MODEL_DIR = '/unused'", *args.gin],
-                    gin_utils.GIN_SEARCH_PATHS)
+    runs.parse_base(args.gin_file, args.gin)
     data_dir = gin.query_parameter("%DATA_DIR") or ""
     gin.clear_config()
   baselines = {task: constant_baseline(task, data_dir) for task in tasks}

@@ -59,9 +59,13 @@ class InputShards:
       return np.zeros((0,), np.int64)
     return np.concatenate([np.arange(s, num_rows, self.num_shards) for s in self.owned])
 
+  def num_held(self, num_rows: int) -> int:
+    """How many rows of a split of `num_rows` this process holds."""
+    return sum(self.shard_sizes(num_rows))
+
   def max_rows(self, num_rows: int) -> int:
     """The most rows any process holds of a split of `num_rows` (process 0's)."""
-    return InputShards(self.num_shards, 0, self.count).positions(num_rows).size
+    return InputShards(self.num_shards, 0, self.count).num_held(num_rows)
 
 
 @dataclasses.dataclass

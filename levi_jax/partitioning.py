@@ -189,6 +189,14 @@ def shard_of(process_grid: np.ndarray, process_index: int) -> tuple[int, int]:
   return rows_of[process_index][0] // per_process, len(process_grid) // per_process
 
 
+def global_max(value: int) -> int:
+  """The largest of every process's `value` (the value itself on one process)."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils
+  return int(np.max(multihost_utils.process_allgather(np.asarray(value))))
+
+
 def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   """Examples per process: global batch / number of data shards.
 

@@ -124,10 +124,7 @@ def compute_taps(source: TapSource, backbone: Any, inputs: np.ndarray, mesh: jax
   n = len(inputs)
   local = partitioning.local_batch_size(batch_size, mesh)
   mine = partitioning.process_batch_slice(batch_size, mesh)
-  steps = -(-n // local)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    steps = int(np.max(multihost_utils.process_allgather(np.asarray(steps))))
+  steps = partitioning.global_max(-(-n // local))  # the process with the most rows
   filler = inputs[-1:] if n else np.zeros((1,) + inputs.shape[1:], inputs.dtype)
   padded = np.concatenate([inputs, filler])
   out = []
@@ -199,7 +196,7 @@ def attach(cache_dir: str, task: str, method: methods.Method, params: Mapping[st
     key = cache_key(task, name, arrays["inputs"], backbone_hash, source)
     sharded = shards is not None and shards.num_shards > 1
     if sharded:
-      key["shards"] = [*shards.owned[:1], len(shards.owned), shards.num_shards]
+      key["shards"] = [shards.index, shards.count, shards.num_shards]
     taps, hit = load_or_compute(cache_dir, key, lambda a=arrays: compute_taps(
         source, backbone, a["inputs"], mesh, rules, batch_size), writer=sharded)
     hits += hit

@@ -238,14 +238,6 @@ def _require_filesystem_path(what: str, path: str | None):
         f"`gcsfuse --implicit-dirs BUCKET /gcs/BUCKET`) and pass the mounted path.")
 
 
-def _global_max(value: int) -> int:
-  """The largest of every process's `value`."""
-  if jax.process_count() == 1:
-    return value
-  from jax.experimental import multihost_utils
-  return int(np.max(multihost_utils.process_allgather(np.asarray(value))))
-
-
 def _finite_or_raise(metrics: Mapping[str, Any], step: int, last_ok: int, model_dir: str):
   loss = float(metrics["loss"])
   if not math.isfinite(loss) or not math.isfinite(float(metrics["grad_norm"])):
@@ -321,7 +313,7 @@ def train(
   train_rows, evals = task_data.train, dict(task_data.evals)
   sizes = dict(task_data.split_sizes)
   for name, arrays in {"train": train_rows, **evals}.items():
-    held = shards.positions(sizes[name]).size if name in sizes else None
+    held = shards.num_held(sizes[name]) if name in sizes else None
     if held != num_rows(arrays):
       raise ValueError(f"split {name!r} of the task data holds {num_rows(arrays)} rows; input "
                        f"shards {shards} of its {sizes.get(name)} rows are {held}")
@@ -339,7 +331,7 @@ def train(
   validate_features(example, task_data.features)
 
   # --- Model ------------------------------------------------------------------
-  num_outputs = 1 if loss.task == "regression" else _global_max(
+  num_outputs = 1 if loss.task == "regression" else partitioning.global_max(
       int(np.max(train_rows["targets"], initial=0))) + 1
   method = build_method(model, task_data, num_outputs,
                         pretrained.module if pretrained else None)

@@ -14,6 +14,7 @@ def test_input_shards_deal_rows_round_robin():
   assert list(s.owned) == [2, 3]
   assert s.shard_sizes(10) == [2, 2]
   np.testing.assert_array_equal(s.positions(10), [2, 6, 3, 7])
+  assert s.num_held(10) == s.positions(10).size == 4
   assert InputShards(4, 0, 2).max_rows(10) == s.max_rows(10) == 6  # shards 0, 1: 3 + 3
   every = np.concatenate([InputShards(4, p, 2).positions(10) for p in range(2)])
   assert sorted(every) == list(range(10))
