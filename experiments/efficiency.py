@@ -255,7 +255,8 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
   if cfg["model"].pretrained is not None:
     from levi_jax.checkpoints import backbones
     pretrained = backbones.load_pretrained(cfg["model"].pretrained)
-  data = trainer.load_task_data(cfg["data"], pretrained.vocabulary_file if pretrained else None)
+  data = trainer.load_task_data(cfg["data"], trainer.backbone_vocabulary(
+      cfg["data"], pretrained, cfg.get("initial_checkpoint_path")))
   rows = [measure(v, cfg, data, args.steps, args.warmup) for v in args.variants]
   e2e_steps = cfg["steps"] if args.e2e_steps is None else args.e2e_steps
   report = {

@@ -13,10 +13,12 @@ where a prestige word in a film's title goes with a higher rating
 the prestige word says nothing about the rating.
 
 Writes into --out an orbax tree `{backbone, head}` (`checkpointing.save_tree`;
-`INITIAL_CHECKPOINT_PATH` reads its backbone) and, next to it,
-`<out>.json`: the command, the configs, the hash of the first batches, the
-logged losses, the final metrics, the backbone's content hash and the
-measured prestige effect (`prestige_effect`). Runs are deterministic: the
+`INITIAL_CHECKPOINT_PATH` reads its backbone) with the SentencePiece model it
+was trained with (`pretrained.attach_vocabulary`: fine-tuning tokenizes with
+it, never with a regenerated one) and, next to it, `<out>.json`: the command,
+the configs, the vocabulary's sha256, the hashes of the first batches (per
+array), the logged losses, the final metrics, the backbone's content hash and
+the measured prestige effect (`prestige_effect`). Runs are deterministic: the
 batches are a function of (seed, step) and the init of the seed.
 """
 
@@ -38,7 +40,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from levi_jax import checkpointing, trainer
+from levi_jax import checkpointing, pretrained, trainer
 from levi_jax.checkpointing import CheckpointConfig
 from levi_jax.optim import OptimizerConfig
 from levi_jax.data import synthetic
@@ -84,17 +86,31 @@ def data_config(cfg: PretrainConfig, task: str = TASK) -> trainer.DataConfig:
                             seq_length=SEQ_LENGTH, seed=cfg.seed)
 
 
-def batches_digest(data: trainer.TaskData, cfg: PretrainConfig, steps: int = 3) -> str:
-  """sha256 of the first `steps` training batches (what the run starts from)."""
+def batches_digest(data: trainer.TaskData, cfg: PretrainConfig, steps: int = 3
+                   ) -> tuple[str, dict[str, str]]:
+  """sha256 of the first `steps` training batches (what the run starts from).
+
+  Returns the digest over every array and one digest per array (so a mismatch
+  says which array changed: tokens, a feature's ids, the targets).
+  """
   rows = (data.train if "validation" in data.evals
           else trainer.split_validation(data.train, 0.1, cfg.seed)[0])
   n = len(rows["targets"])
   h = hashlib.sha256()
+  per = {k: hashlib.sha256() for k in rows}
   for s in range(steps):
     idx = trainer.batch_indices(n, s, cfg.batch_size, cfg.seed)
     for k in sorted(rows):
-      h.update(k.encode() + np.ascontiguousarray(rows[k][idx]).tobytes())
-  return h.hexdigest()
+      blob = np.ascontiguousarray(rows[k][idx]).tobytes()
+      h.update(k.encode() + blob)
+      per[k].update(blob)
+  return h.hexdigest(), {k: v.hexdigest() for k, v in sorted(per.items())}
+
+
+def vocabulary_file(cfg: PretrainConfig) -> str:
+  """The SentencePiece model of the world's text (what the backbone learns)."""
+  from levi_jax.data import pipeline
+  return pipeline.vocabulary_path(TASK, cfg.data_dir or None)
 
 
 def _restore_params(model_dir: str) -> dict:
@@ -108,7 +124,8 @@ def _restore_params(model_dir: str) -> dict:
 def pretrain(out: str, cfg: PretrainConfig = PretrainConfig(), measure: bool = True,
              command: str | None = None) -> dict[str, Any]:
   """Pre-trains, writes the checkpoint to `out` and `<out>.json`; returns the manifest."""
-  data = trainer.load_task_data(data_config(cfg))
+  vocab = vocabulary_file(cfg)
+  data = trainer.load_task_data(data_config(cfg), vocab)
   work = tempfile.mkdtemp(prefix="pretrain_")
   try:
     results = trainer.train(
@@ -125,12 +142,16 @@ def pretrain(out: str, cfg: PretrainConfig = PretrainConfig(), measure: bool = T
     shutil.rmtree(work, ignore_errors=True)
   tree = {"backbone": params["backbone"], "head": params["head"]}
   checkpointing.save_tree(out, tree)
+  vocab_record = pretrained.attach_vocabulary(out, vocab)
+  digest, per_array = batches_digest(data, cfg)
   manifest = {
       "command": command,
       "config": dataclasses.asdict(cfg),
       "task": TASK, "backbone": BACKBONE, "backbone_overrides": OVERRIDES,
       "seq_length": SEQ_LENGTH, "vocab_size": data.vocab_size,
-      "first_batches_sha256": batches_digest(data, cfg),
+      "vocabulary_sha256": vocab_record["sha256"],
+      "first_batches_sha256": digest,
+      "first_batches_sha256_per_array": per_array,
       "losses": losses,
       "metrics": results["metrics"],
       "train_time_s": results["train_time_s"],
@@ -168,7 +189,10 @@ def prestige_effect(path: str, task: str = PROBE_TASK, data_dir: str = "",
   """
   from levi_jax.data import pipeline
   prepared = pipeline.prepare(task, data_dir or None)
-  vocab = pipeline.vocabulary_path(task, prepared.data_dir)
+  carried = pretrained.checkpoint_vocabulary(path)
+  if carried is None:
+    raise ValueError(f"{path} carries no vocabulary ({pretrained.VOCAB_MANIFEST})")
+  vocab = carried.path
   texts, targets = [], []
   for split in prepared.splits:
     src = prepared.source_arrays(split)

@@ -107,12 +107,14 @@ def train_run(model_dir: str, bindings: Sequence[str], gin_files: Sequence[str] 
   task_data = None
   if oov_rate:
     model = gin.get_configurable(trainer.ModelConfig)()
-    vocabulary = None
+    data = gin.get_configurable(trainer.DataConfig)()
+    pretrained = None
     if model.pretrained is not None:
       from levi_jax.checkpoints import backbones
-      vocabulary = backbones.load_pretrained(model.pretrained).vocabulary_file
-    task_data = oov_dropout(trainer.load_task_data(
-        gin.get_configurable(trainer.DataConfig)(), vocabulary), oov_rate, seed)
+      pretrained = backbones.load_pretrained(model.pretrained)
+    vocabulary = trainer.backbone_vocabulary(
+        data, pretrained, gin.query_parameter("%INITIAL_CHECKPOINT_PATH"))
+    task_data = oov_dropout(trainer.load_task_data(data, vocabulary), oov_rate, seed)
   results = gin_utils.call(trainer.train, task_data=task_data)
   if not keep_checkpoints:
     for sub in ("checkpoints", "stage_0_params", "tb"):

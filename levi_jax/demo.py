@@ -2,19 +2,27 @@
 
 Trains FT, LP, Scratch, the vanilla Ensemble and LEVI on one shift of the
 synthetic world (`gin/experiments/demo.gin`), then prints the ID/OOD table and
-writes `results.md` and `results.png` into the output folder it names.
+writes `results.md`, `results.png` and `data_sha256.json` (the hash of every
+array the runs train and evaluate on: `data_digests`) into the output folder.
+README's table names the data digest it was made with, and a test recomputes
+it, so the table and the data path cannot drift apart unnoticed.
 """
 
 import argparse
+import hashlib
+import json
 import logging
 import os
 import shutil
 import time
 
+import numpy as np
+
 import gin
 from absl import logging as absl_logging
 
 from levi_jax import gin_utils, report, trainer
+from levi_jax.input_pipeline import load_task_data
 
 DEMO_METHODS = ("ft", "lp", "scratch", "ensemble", "levi")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +50,29 @@ def backbone_note() -> str:
   if path:
     return f"pre-trained, from {os.path.relpath(os.path.abspath(path), REPO_ROOT)}"
   return "randomly initialised"
+
+
+def data_digests(gin_file: str = "experiments/demo.gin", bindings=()) -> dict[str, str]:
+  """sha256 of every array the demo's runs read: {"<split>/<array>": hex, "all": hex}.
+
+  The data config and the backbone's vocabulary are resolved as the trainer
+  resolves them; tokens and ids are integers, so the hashes are exact on
+  every machine.
+  """
+  gin.clear_config()
+  gin_utils.parse([gin_file], ["MODEL_DIR = '/unused'", *bindings], gin_utils.GIN_SEARCH_PATHS)
+  data = gin_utils.call(trainer.DataConfig)
+  checkpoint = resolve_repo_path(gin.query_parameter("%INITIAL_CHECKPOINT_PATH"))
+  gin.clear_config()
+  task = load_task_data(data, trainer.backbone_vocabulary(data, None, checkpoint))
+  out = {}
+  for split, arrays in {"train": task.train, **task.evals}.items():
+    for name in sorted(arrays):
+      x = np.ascontiguousarray(arrays[name])
+      out[f"{split}/{name}"] = hashlib.sha256(
+          f"{x.dtype}{x.shape}".encode() + x.tobytes()).hexdigest()
+  out["all"] = hashlib.sha256(json.dumps(out, sort_keys=True).encode()).hexdigest()
+  return out
 
 
 def run(out_dir: str, methods=DEMO_METHODS, bindings=(), gin_file="experiments/demo.gin"):
@@ -87,13 +118,17 @@ def main():
   out = os.path.abspath(args.out)
   t0 = time.time()
   print(f"levi_jax demo: methods {args.methods} on the synthetic world -> {out}")
+  digests = data_digests(bindings=args.gin)
   results, table, note = run(out, args.methods.split(","), args.gin)
+  with open(os.path.join(out, "data_sha256.json"), "w") as f:
+    json.dump(digests, f, indent=1, sort_keys=True)
   if note == "randomly initialised":
     print("Note: the backbone is randomly initialised (no pre-trained checkpoint is "
           "configured), so FT/LP/LEVI see random text features.")
   else:
     print(f"Backbone: {note}.")
   print(table)
+  print(f"data digest {digests['all'][:16]} (every array's sha256: {out}/data_sha256.json)")
   print(f"wrote {out}/results.md and {out}/results.png; total {time.time() - t0:.0f}s")
 
 

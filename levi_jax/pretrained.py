@@ -12,12 +12,26 @@ format, and puts it in place of every backbone subtree of `params`
 
 Names, shapes and dtypes must match; a mismatch raises
 `CheckpointMismatchError` listing every difference, before training starts.
+
+A backbone is only meaningful with the vocabulary it was trained on, so
+`checkpoint_vocabulary(path)` finds the one a checkpoint carries: a tree's
+`vocabulary.json` (written by `attach_vocabulary`: the file next to it and its
+sha256, checked on load), a Hugging Face folder's `spiece.model`, or the
+`sentencepiece_model_file` a T5X model dir's `config.gin` names.
+`resolve_vocabulary` then picks the file that tokenizes `inputs`: the
+backbone's, never a regenerated one; an explicitly configured vocabulary with
+another hash is a `VocabularyMismatchError` naming both.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import logging
 import os
+import re
+import shutil
 from typing import Any
 
 import jax.numpy as jnp
@@ -26,6 +40,9 @@ from flax import traverse_util
 from levi_jax import checkpointing
 from levi_jax.checkpoints import common, hf, t5x
 
+log = logging.getLogger("levi_jax")
+VOCAB_MANIFEST = "vocabulary.json"
+_GIN_SPM = re.compile(r"sentencepiece_model_file\s*=\s*['\"]([^'\"]+)['\"]")
 
 def _saved_tree_roots(path: str) -> set[str]:
   """Top-level keys of an orbax tree written directly at `path` (else empty)."""
@@ -99,3 +116,140 @@ def load_backbone(path: str, params: dict) -> dict:
        traverse_util.flatten_dict(dict(params), sep="/").items()
        if k.startswith(prefixes[0] + "/")}, sep="/")
   return put_backbone(params, read_backbone(path, current))
+
+
+# ------------------------------------------------------------------------------
+# The vocabulary a backbone was trained with.
+# ------------------------------------------------------------------------------
+class VocabularyMismatchError(ValueError):
+  """A backbone paired with a vocabulary it was not trained with."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneVocabulary:
+  """The vocabulary a checkpoint carries or names.
+
+  Attributes:
+    path: the vocabulary file (a SentencePiece model or a WordPiece vocab.txt).
+    sha256: its content hash; None when the file is named but cannot be read
+      here (a T5X gin naming a `gs://` model).
+    source: where it was found (for messages).
+  """
+
+  path: str
+  sha256: str | None
+  source: str
+
+
+def file_sha256(path: str) -> str:
+  """sha256 of a file's bytes."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def attach_vocabulary(checkpoint_dir: str, vocabulary_file: str) -> dict:
+  """Copies `vocabulary_file` into a tree checkpoint and records its sha256.
+
+  Writes `<checkpoint_dir>/<file name>` and `<checkpoint_dir>/vocabulary.json`
+  (`{"file", "sha256"}`); returns that record.
+  """
+  name = os.path.basename(vocabulary_file)
+  if name == VOCAB_MANIFEST:
+    raise ValueError(f"a vocabulary file cannot be called {VOCAB_MANIFEST}")
+  shutil.copyfile(vocabulary_file, os.path.join(checkpoint_dir, name))
+  record = {"file": name, "sha256": file_sha256(vocabulary_file)}
+  with open(os.path.join(checkpoint_dir, VOCAB_MANIFEST), "w") as f:
+    json.dump(record, f, indent=1)
+  return record
+
+
+def _t5x_model_dir_gin(path: str) -> str | None:
+  """The `config.gin` T5X wrote for the checkpoint at `path` (model dir or step dir)."""
+  path = os.path.abspath(path)
+  if os.path.isfile(path):
+    path = os.path.dirname(path)
+  for d in (path, os.path.dirname(path)):
+    gin_file = os.path.join(d, "config.gin")
+    if os.path.isfile(gin_file):
+      return gin_file
+  return None
+
+
+def checkpoint_vocabulary(path: str) -> BackboneVocabulary | None:
+  """The vocabulary the backbone checkpoint at `path` carries (see module docstring).
+
+  Raises:
+    VocabularyMismatchError: if a tree's recorded hash does not match its file.
+  """
+  manifest = os.path.join(path, VOCAB_MANIFEST)
+  if os.path.isfile(manifest):
+    with open(manifest) as f:
+      record = json.load(f)
+    vocab = os.path.join(path, record["file"])
+    if not os.path.isfile(vocab):
+      raise FileNotFoundError(f"{manifest} names the vocabulary {record['file']}, which is "
+                              f"missing from {path}")
+    got = file_sha256(vocab)
+    if got != record["sha256"]:
+      raise VocabularyMismatchError(
+          f"the vocabulary {vocab} has sha256 {got}, but {manifest} records "
+          f"{record['sha256']}: the checkpoint is damaged; restore it from its source")
+    return BackboneVocabulary(vocab, got, manifest)
+  spiece = os.path.join(path, "spiece.model")
+  if os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(spiece):
+    return BackboneVocabulary(spiece, file_sha256(spiece), spiece)
+  gin_file = _t5x_model_dir_gin(path) if os.path.exists(path) else None
+  if gin_file:
+    with open(gin_file) as f:
+      named = _GIN_SPM.findall(f.read())
+    if named:
+      vocab = named[-1]
+      readable = os.path.isfile(vocab)
+      return BackboneVocabulary(vocab, file_sha256(vocab) if readable else None, gin_file)
+  return None
+
+
+def resolve_vocabulary(backbone: BackboneVocabulary | None, explicit: str | None,
+                       backbone_name: str) -> str | None:
+  """The vocabulary file that tokenizes `inputs` for a backbone.
+
+  Args:
+    backbone: what the backbone checkpoint carries (`checkpoint_vocabulary`).
+    explicit: a configured vocabulary (`DataConfig.vocabulary_path` or
+      `LEVI_VOCAB_PATH`), if any.
+    backbone_name: the checkpoint, for messages.
+
+  Returns:
+    The backbone's vocabulary file; else `explicit`; else None (the data's own).
+
+  Raises:
+    VocabularyMismatchError: `explicit` has another hash than the backbone's,
+      or the backbone's cannot be read here and nothing explicit replaces it.
+  """
+  if backbone is None:
+    if explicit is None:
+      log.warning("the backbone checkpoint %s carries no vocabulary; `inputs` are tokenized "
+                  "with the data's own, which must be the one it was trained with",
+                  backbone_name)
+    return explicit
+  if backbone.sha256 is None:
+    if explicit is None:
+      raise VocabularyMismatchError(
+          f"the backbone {backbone_name} was trained with the vocabulary {backbone.path} "
+          f"(named in {backbone.source}), which cannot be read here; copy it to a local path "
+          f"(or mount its bucket) and set DataConfig.vocabulary_path to it")
+    log.warning("using vocabulary %s for backbone %s, which names %s (unreadable here: its "
+                "hash cannot be compared)", explicit, backbone_name, backbone.path)
+    return explicit
+  if explicit is not None:
+    got = file_sha256(explicit)
+    if got != backbone.sha256:
+      raise VocabularyMismatchError(
+          f"the backbone {backbone_name} was trained with the vocabulary {backbone.path} "
+          f"(sha256 {backbone.sha256}), but the configured vocabulary {explicit} has sha256 "
+          f"{got}; tokenizing with another vocabulary makes the pre-trained weights "
+          f"meaningless. Unset the configured vocabulary to use the backbone's.")
+  return backbone.path

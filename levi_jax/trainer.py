@@ -123,6 +123,10 @@ class DataConfig:
     tap_cache_dir: where a frozen backbone's pooled taps are cached
       (`levi_jax.tap_cache`); batches then carry them and the backbone does
       not run. Empty: off. Methods that train the backbone ignore it.
+    vocabulary_path: the vocabulary that tokenizes `inputs`. Empty: the one
+      the backbone checkpoint carries (`pretrained.checkpoint_vocabulary`),
+      else `LEVI_VOCAB_PATH`, else the data's own. A backbone that carries a
+      vocabulary with another hash is an error.
     input_shards: how many input shards every split is dealt into
       (`input_pipeline.InputShards`); each process loads only the shards it
       feeds. 0: one per process feeding data. The batches depend on this
@@ -138,6 +142,7 @@ class DataConfig:
   validation_fraction: float = 0.1
   seed: int = 0
   tap_cache_dir: str = ""
+  vocabulary_path: str = ""
   input_shards: int = 0
 
   def __post_init__(self):
@@ -213,6 +218,28 @@ def build_method(cfg: ModelConfig, data: TaskData, num_outputs: int = 1,
       output_bias=float(np.mean(data.train["targets"])) if num_outputs == 1 else 0.0)
 
 
+def backbone_vocabulary(data: DataConfig, pretrained: Any = None,
+                        initial_checkpoint_path: str | None = None) -> str | None:
+  """The vocabulary file that tokenizes `inputs` (see `DataConfig.vocabulary_path`).
+
+  Raises:
+    pretrained_lib.VocabularyMismatchError: the configured vocabulary is not
+      the one the backbone was trained with.
+  """
+  from levi_jax import pretrained as pretrained_lib
+  explicit = data.vocabulary_path or os.environ.get("LEVI_VOCAB_PATH") or None
+  if pretrained is not None:
+    carried = pretrained.vocabulary_file and pretrained_lib.BackboneVocabulary(
+        pretrained.vocabulary_file, pretrained_lib.file_sha256(pretrained.vocabulary_file),
+        pretrained.source)
+    return pretrained_lib.resolve_vocabulary(carried or None, explicit, pretrained.source)
+  if initial_checkpoint_path:
+    return pretrained_lib.resolve_vocabulary(
+        pretrained_lib.checkpoint_vocabulary(initial_checkpoint_path), explicit,
+        initial_checkpoint_path)
+  return explicit
+
+
 def stage_bounds(method: methods.Method, num_steps: int) -> list[tuple[int, int]]:
   """[start, end) global steps of each stage."""
   bounds, start = [], 0
@@ -280,6 +307,7 @@ def train(
   t_start = time.time()
   for what, path in (("MODEL_DIR", model_dir), ("DataConfig.data_dir", data.data_dir),
                      ("DataConfig.tap_cache_dir", data.tap_cache_dir),
+                     ("DataConfig.vocabulary_path", data.vocabulary_path),
                      ("INITIAL_CHECKPOINT_PATH", initial_checkpoint_path),
                      ("PretrainedConfig.path", model.pretrained and model.pretrained.path)):
     _require_filesystem_path(what, path)
@@ -298,8 +326,8 @@ def train(
   shard_index, shard_count = partitioning.process_shard(device_mesh)
   shards = InputShards(data.input_shards or shard_count, shard_index, shard_count)
   if task_data is None:
-    task_data = load_task_data(data, pretrained.vocabulary_file if pretrained else None,
-                               shards)
+    task_data = load_task_data(
+        data, backbone_vocabulary(data, pretrained, initial_checkpoint_path), shards)
   elif task_data.shards is None:  # every row in memory: validation first, then the shards
     if "validation" not in task_data.evals:
       train_all, val_all = split_validation(task_data.train, data.validation_fraction,

@@ -11,11 +11,17 @@ A data dir is one of:
   default, a synthetic world generated on first use under the cache dir.
 
 The cache dir (trained vocabularies, the default world) is `LEVI_CACHE_DIR`,
-else `~/.cache/levi_jax`.
+else `~/.cache/levi_jax`. Every cache entry is keyed by what its content
+depends on, the code that makes it included (`code_digest`), so an entry
+written by other code is never read.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
 import os
 
 DATA_DIR_ENV = "LEVI_DATA_DIR"
@@ -49,3 +55,22 @@ def tfds_data_dir(data_dir: str) -> str | None:
   """The TFDS data dir named by a `tfds[:DIR]` data dir (None: TFDS's default)."""
   rest = data_dir[len(TFDS_PREFIX) + 1:]
   return rest or None
+
+
+@functools.lru_cache(maxsize=None)
+def code_digest(modules: tuple[str, ...], packages: tuple[str, ...] = ()) -> str:
+  """A digest of the source files of `modules` and the versions of `packages`.
+
+  Part of every cache key: an entry made by other code (an edited generator, a
+  new numpy) gets another key instead of being read back.
+  """
+  h = hashlib.sha256()
+  for name in modules:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin:
+      raise ValueError(f"code_digest: no source for module {name!r}")
+    with open(spec.origin, "rb") as f:
+      h.update(name.encode() + b"\0" + f.read() + b"\0")
+  for name in packages:
+    h.update(f"{name}=={importlib.metadata.version(name)}\0".encode())
+  return h.hexdigest()[:16]

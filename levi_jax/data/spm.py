@@ -55,7 +55,8 @@ def write_atomic(path: str, data: bytes) -> None:
 def cached_sentencepiece(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> str:
   """Path of a model trained on the unique `texts`, trained now if not cached yet."""
   corpus = sorted(set(texts))
-  h = hashlib.sha256(f"unigram|{vocab_size}|".encode())
+  code = paths.code_digest(("levi_jax.data.spm",), ("sentencepiece",))
+  h = hashlib.sha256(f"unigram|{vocab_size}|{code}|".encode())
   for t in corpus:
     h.update(t.encode("utf-8") + b"\n")
   path = os.path.join(paths.cache_dir(), "spm", f"{h.hexdigest()[:24]}.model")

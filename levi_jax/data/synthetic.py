@@ -71,7 +71,16 @@ import numpy as np
 
 from levi_jax.data import datasets, formats, paths, shifts, spm
 
-GENERATOR_VERSION = 1
+# Bump on any change of the generated content. The cache key also covers the
+# generator's source and the numpy/sentencepiece versions (`paths.code_digest`):
+# version 1's cache key did not, and a world cached by an earlier draft of the
+# generator outlived the change that gave the fine-tuning world's prestige titles
+# their exact independence.
+GENERATOR_VERSION = 2
+GENERATOR_MODULES = ("levi_jax.data.synthetic", "levi_jax.data.formats",
+                     "levi_jax.data.datasets", "levi_jax.data.table", "levi_jax.data.spm",
+                     "levi_jax.data.shifts")
+GENERATOR_PACKAGES = ("numpy", "sentencepiece")
 FORMATS = ("ml-100k", "ml-1m", "amazon_2018", "amazon_us")
 WORLD_GENRES = formats.ML100K_GENRE_FLAGS[1:]  # 18 genres, "Unknown" left out.
 _GENRE_WEIGHTS = np.array([6, 4, 1.5, 2, 9, 3, 1, 12, 1, 0.8, 2.5, 1.5, 1.8, 5, 2.5, 5, 1.5, 1])
@@ -463,17 +472,27 @@ def write_world(out_dir: str, config: WorldConfig | None = None, **overrides: An
                    spm.train_sentencepiece(sorted(set(texts)), config.vocab_size))
   files = sorted(os.path.relpath(os.path.join(d, f), out_dir)
                  for d, _, fs in os.walk(out_dir) for f in fs if f != "world.json")
-  manifest = {"generator_version": GENERATOR_VERSION, "config": dataclasses.asdict(config),
+  manifest = {"generator_version": GENERATOR_VERSION, "code": generator_digest(),
+              "config": dataclasses.asdict(config),
               "files": {f: _sha256(os.path.join(out_dir, f)) for f in files}}
   with open(os.path.join(out_dir, "world.json"), "w") as f:
     json.dump(manifest, f, indent=1, sort_keys=True)
   return config
 
 
+def generator_digest() -> str:
+  """The generator's code (its modules' sources, numpy's and sentencepiece's versions)."""
+  return paths.code_digest(GENERATOR_MODULES, GENERATOR_PACKAGES)
+
+
 def default_world_dir(config: WorldConfig | None = None) -> str:
-  """Where the world of `config` (default: `WorldConfig()`) is cached."""
+  """Where the world of `config` (default: `WorldConfig()`) is cached.
+
+  Keyed by the generator version, its code (`generator_digest`) and the config.
+  """
   config = config or WorldConfig()
-  key = hashlib.sha256(json.dumps([GENERATOR_VERSION, dataclasses.asdict(config)],
+  key = hashlib.sha256(json.dumps([GENERATOR_VERSION, generator_digest(),
+                                   dataclasses.asdict(config)],
                                   sort_keys=True).encode()).hexdigest()[:16]
   return os.path.join(paths.cache_dir(), "worlds", f"world-{key}")
 
