@@ -19,9 +19,15 @@ world's corpus, its steps and learning rate) plus the run's bindings
   per shift and method).
 * `results.png`: OOD RMSE relative to FT per shift and method, and the mean
   ranks.
-* `runs/<task>/<method>/seed<k>/` (or under --runs_dir): each run's
+* `runs/<task>/<method>/seed<k>-<key>/` (or under --runs_dir): each run's
   MODEL_DIR (results.json, metrics.jsonl, config.gin), and `tap_cache/`;
-  existing results are reused, so a sweep resumes.
+  `<key>` hashes the run's gin files and bindings (`run_key`), so finished
+  runs of the same configuration are reused (a sweep resumes) and a changed
+  `--gin`/`--steps` trains anew.
+
+The whole grid is checked before the first run (`validate_grid`); the
+classical references (`reference_baselines`) are unranked columns, and a run
+that collapsed to a constant prediction is flagged (`is_collapsed`).
 
 LP-FT and WiSE-FT come from one `wiseft` run: it trains exactly as `lpft`
 (LP stage, then FT from there) and also keeps the LP-stage weights, so its
@@ -35,6 +41,7 @@ Ensemble) read cached backbone taps (`levi_jax.tap_cache`) unless
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -90,7 +97,8 @@ def records_of(results: Mapping[str, Any], task: str, seed: int,
       alpha, m = min(results["wise_ft"].items(), key=lambda kv: kv[1]["validation"]["rmse"])
       extra = {"wise_alpha": float(alpha)}
     out.append({**base, "column": col, "val_rmse": metric(m, "validation"),
-                "id_rmse": metric(m, "id_test"), "ood_rmse": metric(m, "ood_test"), **extra})
+                "id_rmse": metric(m, "id_test"), "ood_rmse": metric(m, "ood_test"),
+                "id_pred_std": m.get("id_test", {}).get("pred_std", float("nan")), **extra})
   return out
 
 
@@ -191,26 +199,60 @@ def figure1_answer(summary: Sequence[Mapping[str, Any]], id_tolerance: float = 0
   return out
 
 
-def constant_baseline(task: str, data_dir: str = "") -> dict[str, float]:
-  """RMSE of predicting the training split's mean rating, per evaluation split.
+REFERENCES = {"training_mean": MEAN_COLUMN, "item_bias": "item bias",
+              "user_item_bias": "user+item bias", "linear": "linear"}
 
-  A reference no method should fall behind: a model whose OOD RMSE is above
-  it has learned nothing that transfers to the OOD population.
+
+def reference_baselines(task: str, data_dir: str = "") -> dict[str, dict[str, Any]]:
+  """The classical references on one task: {column: {split: RMSE, "chosen": {...}}}.
+
+  `train mean` predicts the training split's mean rating; `item bias` the
+  item's mean shrunk to it; `user+item bias` the classic baseline predictor;
+  `linear` a ridge regression on the side features and item id
+  (`levi_jax.references`). Each is fitted on the training split, its
+  regularisation chosen on the validation split (never on a test split). They
+  are shown unranked: a method whose OOD RMSE is above `item bias` has learned
+  nothing a user needs beyond how good each item is.
   """
+  from levi_jax import references
   from levi_jax.data import pipeline
   prepared = pipeline.prepare(task, data_dir or None)
-  rating = lambda split: prepared.table.rows["rating"][prepared.rows(split)].astype(np.float64)
-  mean = rating("train").mean()
-  return {split: float(np.sqrt(np.mean((rating(split) - mean) ** 2)))
-          for split in prepared.splits if split != "train"}
+  arrays = {split: prepared.source_arrays(split) for split in prepared.splits}
+  fitted = references.fit_references(arrays["train"], prepared.feature_specs,
+                                     arrays.get("validation"))
+  out = {}
+  for key, column in REFERENCES.items():
+    pred = fitted[key]
+    out[column] = {split: references.rmse(pred.predict(a), a["targets"])
+                   for split, a in arrays.items() if split != "train"}
+    out[column]["chosen"] = dict(pred.chosen)
+  out[MEAN_COLUMN]["train_mean"] = float(np.mean(arrays["train"]["targets"], dtype=np.float64))
+  return out
 
 
-def beats_mean(table: Mapping[str, Mapping[str, Mapping[str, Any]]],
-               baselines: Mapping[str, Mapping[str, float]], cols: Sequence[str]
-               ) -> dict[str, int]:
-  """Per column: on how many shifts its mean OOD RMSE is below the training-mean predictor's."""
-  return {c: sum(row[c]["ood_mean"] < baselines[t]["ood_test"] for t, row in table.items()
-                 if c in row and t in baselines) for c in cols}
+def constant_baseline(task: str, data_dir: str = "") -> dict[str, float]:
+  """RMSE of predicting the training split's mean rating, per evaluation split."""
+  return {k: v for k, v in reference_baselines(task, data_dir)[MEAN_COLUMN].items()
+          if k not in ("chosen", "train_mean")}
+
+
+def is_collapsed(record: Mapping[str, Any], mean_rmse: Mapping[str, float],
+                 tol: float = 1e-4) -> bool:
+  """A run that learned a constant: its predictions' std on the ID test split is
+  below 1e-3 stars, or its ID and OOD RMSE equal the training-mean predictor's."""
+  std = record.get("id_pred_std")
+  if std is not None and np.isfinite(float(std)) and float(std) < 1e-3:
+    return True
+  return (abs(float(record["id_rmse"]) - mean_rmse["id_test"]) < tol
+          and abs(float(record["ood_rmse"]) - mean_rmse["ood_test"]) < tol)
+
+
+def beats_reference(table: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                    baselines: Mapping[str, Mapping[str, Mapping[str, float]]],
+                    cols: Sequence[str], reference: str = MEAN_COLUMN) -> dict[str, int]:
+  """Per column: on how many shifts its mean OOD RMSE is below `reference`'s."""
+  return {c: sum(row[c]["ood_mean"] < baselines[t][reference]["ood_test"]
+                 for t, row in table.items() if c in row and t in baselines) for c in cols}
 
 
 def markdown(summary: Sequence[Mapping[str, Any]], columns: Sequence[str], header: str,
@@ -218,19 +260,23 @@ def markdown(summary: Sequence[Mapping[str, Any]], columns: Sequence[str], heade
              baselines: Mapping[str, Mapping[str, float]] | None = None) -> str:
   """The results page: the table, ranks, LEVI vs FT and the Figure-1 answer.
 
-  `baselines`: task -> `constant_baseline`, shown as a last, unranked column.
+  `baselines`: task -> `reference_baselines`, shown as last, unranked columns.
+  A cell marked † holds a collapsed run (`is_collapsed`: it predicts a constant).
   """
   table = _table(summary)
   cols = [c for c in columns if any(c in row for row in table.values())]
   baselines = baselines or {}
-  mean_col = [MEAN_COLUMN] if baselines else []
+  ref_cols = [c for c in REFERENCES.values() if any(c in b for b in baselines.values())]
+  collapsed = {(r["task"], r["column"]) for r in records if r.get("collapsed")}
   lines = [header, "",
            "Cells: ID-test RMSE / OOD-test RMSE, mean ± sample std over seeds "
-           "(lower is better; **bold**: the best OOD of the row)"
-           + (f"; `{MEAN_COLUMN}`: predicting the training split's mean rating, for "
-              "reference (not ranked)" if baselines else "") + ".", "",
-           "| shift | " + " | ".join(cols + mean_col) + " |",
-           "|---|" + "---|" * len(cols + mean_col)]
+           "(lower is better; **bold**: the best OOD of the row; †: at least one seed collapsed "
+           "to a constant prediction)"
+           + (f"; {', '.join(f'`{c}`' for c in ref_cols)}: classical references fitted on the "
+              "training split, regularisation chosen on validation (not ranked)"
+              if ref_cols else "") + ".", "",
+           "| shift | " + " | ".join(cols + ref_cols) + " |",
+           "|---|" + "---|" * len(cols + ref_cols)]
   for task in sorted(table):
     row = table[task]
     best = min((row[c]["ood_mean"] for c in cols if c in row), default=None)
@@ -243,9 +289,10 @@ def markdown(summary: Sequence[Mapping[str, Any]], columns: Sequence[str], heade
       ood = runs.fmt(r["ood_mean"], r["ood_std"], r["seeds"])
       if r["ood_mean"] == best:
         ood = f"**{ood}**"
-      cells.append(f"{runs.fmt(r['id_mean'], r['id_std'], r['seeds'])} / {ood}")
-    if baselines:
-      b = baselines.get(task, {})
+      mark = " †" if (task, c) in collapsed else ""
+      cells.append(f"{runs.fmt(r['id_mean'], r['id_std'], r['seeds'])} / {ood}{mark}")
+    for c in ref_cols:
+      b = baselines.get(task, {}).get(c, {})
       cells.append(f"{b.get('id_test', float('nan')):.3f} / {b.get('ood_test', float('nan')):.3f}")
     lines.append(f"| {task} | " + " | ".join(cells) + " |")
   for split, name in (("id", "ID"), ("ood", "OOD")):
@@ -270,9 +317,11 @@ def markdown(summary: Sequence[Mapping[str, Any]], columns: Sequence[str], heade
         f"* LEVI's OOD error below every other method's: {count('levi_best_ood')} of {n}.",
         f"* LEVI's ID error within {100 * id_tolerance:.0f}% of the best ID: "
         f"{count('levi_id_ok')} of {n}.",
-        *([f"* OOD error below the training-mean predictor's ({MEAN_COLUMN}), shifts of "
-           f"{n}: " + ", ".join(f"{c} {k}" for c, k in beats_mean(table, baselines, cols).items())
-           + "."] if baselines else []), "",
+        *([f"* OOD error below the `{ref}` reference's, shifts of {n}: " + ", ".join(
+            f"{c} {k}" for c, k in beats_reference(table, baselines, cols, ref).items()) + "."
+           for ref in ref_cols]),
+        *([f"* Collapsed runs (constant predictions), flagged †: {len(collapsed)} "
+           f"(shift, method) cells."] if collapsed else []), "",
         "| shift | FT OOD worse than LP and Scratch | LEVI best OOD (margin to the best other) "
         "| seeds LEVI OOD < best other | seeds LEVI OOD < FT | LEVI ID vs best ID |",
         "|---|---|---|---|---|---|"]
@@ -283,6 +332,27 @@ def markdown(summary: Sequence[Mapping[str, Any]], columns: Sequence[str], heade
                    f"{a['best_other_ood']}) | {wins(a, 'seeds_levi_beats_best_other')} | "
                    f"{wins(a, 'seeds_levi_beats_ft')} | {100 * a['levi_id_gap']:+.1f}% |")
     lines.append("")
+  return "\n".join(lines) + "\n"
+
+
+def references_markdown(baselines: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                        header: str) -> str:
+  """The classical references alone: per shift, validation / ID / OOD RMSE of each."""
+  cols = list(REFERENCES.values())
+  lines = [header, "",
+           "Cells: validation / ID-test / OOD-test RMSE of each classical reference, fitted on "
+           "the shift's training split with its regularisation chosen on validation (chosen "
+           "values in `figure1.json`).", "",
+           "| shift | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+  for task in sorted(baselines):
+    b = baselines[task]
+    lines.append(f"| {task} | " + " | ".join(
+        f"{b[c]['validation']:.3f} / {b[c]['id_test']:.3f} / {b[c]['ood_test']:.3f}"
+        for c in cols) + " |")
+  best = {c: sum(min(cols, key=lambda k, b=b: b[k]["ood_test"]) == c for b in baselines.values())
+          for c in cols}
+  lines += ["", "Lowest OOD RMSE among the references, shifts of "
+            f"{len(baselines)}: " + ", ".join(f"{c} {n}" for c, n in best.items()) + "."]
   return "\n".join(lines) + "\n"
 
 
@@ -349,6 +419,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="train the small model with this share of known feature ids set to OOV "
                       "(runs.oov_dropout); its runs go to METHOD+oov<rate>/")
   p.add_argument("--id_tolerance", type=float, default=0.03)
+  p.add_argument("--references_only", action="store_true",
+                 help="fit and report the classical references only (no training)")
   p.add_argument("--keep_checkpoints", action="store_true")
   p.add_argument("--runs_dir", default="",
                  help="where each run's MODEL_DIR and the tap cache go (default OUT/runs); "
@@ -365,11 +437,70 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
+def validate_grid(tasks: Sequence[str], data_dir: str, implicit: bool) -> list[str]:
+  """The tasks whose data exist, checked before the first run.
+
+  `implicit` (shift names given without their dataset): a dataset whose files
+  are missing from `data_dir` is left out with a note, as long as another has
+  them; an explicitly named task with missing data is an error, as is a grid
+  left empty.
+  """
+  from levi_jax.data import pipeline, report
+  kept, missing = [], {}
+  for task in tasks:
+    try:
+      pipeline.prepare(task, data_dir or None)
+      kept.append(task)
+    except report.MissingFilesError as e:
+      missing[task] = e
+  if missing and (not implicit or not kept):
+    raise ValueError("the grid names tasks whose data are missing from "
+                     f"{data_dir or 'the default data dir'}: " +
+                     "; ".join(f"{t}: {e}" for t, e in missing.items()))
+  for task in missing:
+    print(f"note: {task} left out: its dataset's files are not in {data_dir}", flush=True)
+  return kept
+
+
+def run_key(gin_files: Sequence[str], bindings: Sequence[str], oov: float) -> str:
+  """A short hash of what a run is: its gin files' text and its bindings (not its MODEL_DIR).
+
+  Finished runs are reused only under the same key, so a sweep with other
+  `--gin`/`--steps` settings in the same --runs_dir trains anew.
+  """
+  from levi_jax import gin_utils
+  blob = []
+  for f in gin_files:
+    path = gin_utils.resolve_gin_file(f, gin_utils.GIN_SEARCH_PATHS)
+    with open(path) as fh:
+      blob.append(fh.read())
+  blob += [b for b in bindings if not b.startswith("MODEL_DIR")] + [f"oov={oov:g}"]
+  return hashlib.sha256("\n".join(blob).encode()).hexdigest()[:10]
+
+
 def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
   """Runs the sweep and writes the outputs; returns {records, summary, markdown}."""
   out = os.path.abspath(args.out)
   runs_dir = os.path.abspath(args.runs_dir or os.path.join(out, "runs"))
-  tasks = tasks_for(runs.parse_list(args.shifts), runs.parse_list(args.datasets))
+  shifts = runs.parse_list(args.shifts)
+  data_dir = args.data_dir
+  if not data_dir:  # the base gin files' DATA_DIR ('' there: the synthetic world)
+    runs.parse_base(args.gin_file, args.gin)
+    data_dir = gin.query_parameter("%DATA_DIR") or ""
+    gin.clear_config()
+  tasks = tasks_for(shifts, runs.parse_list(args.datasets))
+  tasks = validate_grid(tasks, data_dir, implicit=not all("." in s for s in shifts))
+  baselines = {task: reference_baselines(task, data_dir) for task in tasks}
+  if args.references_only:
+    md = references_markdown(baselines, f"# Classical references on {len(tasks)} shifts\n\n"
+                             f"data_dir `{args.data_dir or 'the synthetic world'}`.\n\n"
+                             f"Command: `{command}`")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.md"), "w") as f:
+      f.write(md)
+    with open(os.path.join(out, "figure1.json"), "w") as f:
+      json.dump({"references": baselines}, f, indent=1)
+    return {"records": [], "summary": [], "markdown": md, "baselines": baselines}
   methods = list(dict.fromkeys(COLUMNS[c] for c in args.columns))
   cache = "" if args.no_tap_cache else os.path.join(runs_dir, "tap_cache")
   records = []
@@ -380,24 +511,22 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
         k += 1
         oov = args.oov_dropout if method in runs.FEATURE_METHODS else 0.0
         name = f"{method}+oov{oov:g}" if oov else method
-        model_dir = os.path.join(runs_dir, task, name, f"seed{seed}")
         bindings = runs.run_bindings(
-            model_dir, method, task, seed, backbone=args.backbone, data_dir=args.data_dir,
+            "", method, task, seed, backbone=args.backbone, data_dir=args.data_dir,
             steps=args.steps, tap_cache_dir=cache if method in runs.TAP_CACHE_METHODS else "",
             extra=args.gin)
+        model_dir = os.path.join(runs_dir, task, name,
+                                 f"seed{seed}-{run_key(args.gin_file, bindings, oov)}")
+        bindings[0] = f"MODEL_DIR = '{model_dir}'"
         t = time.time()
         r = runs.train_run(model_dir, bindings, args.gin_file, args.keep_checkpoints, oov, seed)
         m = r["metrics"]
         print(f"[{k}/{total}] {task} {method} seed {seed}: ID {m['id_test']['rmse']:.4f} "
               f"OOD {m['ood_test']['rmse']:.4f} ({time.time() - t:.0f}s)", flush=True)
-        records += records_of(r, task, seed, args.columns)
+        for rec in records_of(r, task, seed, args.columns):
+          rec["collapsed"] = is_collapsed(rec, baselines[task][MEAN_COLUMN])
+          records.append(rec)
   summary = summarize(records)
-  data_dir = args.data_dir
-  if not data_dir:  # the base gin files' DATA_DIR ('' there: the synthetic world)
-    runs.parse_base(args.gin_file, args.gin)
-    data_dir = gin.query_parameter("%DATA_DIR") or ""
-    gin.clear_config()
-  baselines = {task: constant_baseline(task, data_dir) for task in tasks}
   run_time = sum(r["wall_time_s"] or 0.0 for r in records if r["column"] != "WiSE-FT")
   header = (f"# Methods x shifts: ID and OOD RMSE\n\n"
             f"{len(tasks)} shifts x {len(methods)} trained methods x seeds "
@@ -421,7 +550,9 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
                "levi_vs_ft_ood": improvement(summary),
                "average_rank_ood": average_ranks(summary, args.columns, "ood"),
                "average_rank_id": average_ranks(summary, args.columns, "id"),
-               "train_mean_baseline": baselines}, f, indent=1)
+               "references": baselines,
+               "collapsed": sorted({(r["task"], r["column"]) for r in records
+                                    if r["collapsed"]})}, f, indent=1)
   return {"records": records, "summary": summary, "markdown": md, "baselines": baselines}
 
 
@@ -431,7 +562,8 @@ def main(argv=None):
   command = runs.command_line("sweep.py", argv)
   result = run(args, command)
   print(result["markdown"])
-  print(f"wrote {args.out}/results.md, runs.csv, summary.csv, results.png")
+  print(f"wrote {args.out}/results.md, figure1.json" + (
+      "" if args.references_only else ", runs.csv, summary.csv, results.png"))
 
 
 if __name__ == "__main__":

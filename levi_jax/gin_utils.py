@@ -55,21 +55,22 @@ def parse(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[
     gin.add_config_file_search_path(p)
   if not files:
     raise ValueError("no --gin_file given; e.g. --gin_file=runs/train.gin")
-  # gin logs an error for each include it first looks for as a Python package
-  # resource before finding it on the search path; that is noise.
+  # gin logs an error for each include (in a file or a binding) it first looks
+  # for as a Python package resource before finding it on the search path; that
+  # is noise. Real failures raise.
   root = logging.getLogger()
   level = root.level
   root.setLevel(logging.CRITICAL)
   try:
     for f in files:
       gin.parse_config_file(resolve_gin_file(f, search_paths))
+    for b in bindings:
+      try:
+        gin.parse_config(b)
+      except Exception as e:
+        raise ValueError(f"bad gin binding {b!r}: {e}") from e
   finally:
     root.setLevel(level)
-  for b in bindings:
-    try:
-      gin.parse_config(b)
-    except Exception as e:
-      raise ValueError(f"bad gin binding {b!r}: {e}") from e
   gin.finalize()
 
 

@@ -128,9 +128,11 @@ def make_eval_step(method: Method, loss_cfg: LossConfig) -> Callable:
     pred = method.apply(params, batch, train=False)["prediction"]
     w = example_weights(batch)
     if loss_cfg.task == "regression":
-      err = pred[:, 0] - batch["targets"].astype(jnp.float32)
+      p = pred[:, 0].astype(jnp.float32)
+      err = p - batch["targets"].astype(jnp.float32)
       return {"weight": w.sum(), "sq_err": (w * err**2).sum(),
-              "abs_err": (w * jnp.abs(err)).sum()}
+              "abs_err": (w * jnp.abs(err)).sum(), "pred": (w * p).sum(),
+              "pred_sq": (w * p**2).sum()}
     correct = (jnp.argmax(pred, -1) == batch["targets"].astype(jnp.int32))
     return {"weight": w.sum(), "correct": (w * correct).sum()}
 
@@ -138,9 +140,18 @@ def make_eval_step(method: Method, loss_cfg: LossConfig) -> Callable:
 
 
 def finalize_metrics(sums: Mapping[str, float], task: str) -> dict[str, float]:
-  """RMSE/MAE (regression) or accuracy (classification) from summed metrics."""
+  """RMSE/MAE (regression) or accuracy (classification) from summed metrics.
+
+  Regression also reports the predictions' mean and standard deviation
+  (`pred_mean`, `pred_std`): a run whose predictions are constant has
+  collapsed, whatever its RMSE.
+  """
   n = max(float(sums["weight"]), 1e-12)
   if task == "regression":
-    return {"rmse": (float(sums["sq_err"]) / n) ** 0.5, "mae": float(sums["abs_err"]) / n,
-            "count": float(sums["weight"])}
+    out = {"rmse": (float(sums["sq_err"]) / n) ** 0.5, "mae": float(sums["abs_err"]) / n,
+           "count": float(sums["weight"])}
+    if "pred" in sums:
+      mean = float(sums["pred"]) / n
+      out.update(pred_mean=mean, pred_std=max(float(sums["pred_sq"]) / n - mean**2, 0.0) ** 0.5)
+    return out
   return {"accuracy": float(sums["correct"]) / n, "count": float(sums["weight"])}

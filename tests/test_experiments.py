@@ -17,7 +17,7 @@ import layer_ablation  # noqa: E402
 import pretrain_synthetic  # noqa: E402
 import sweep  # noqa: E402
 
-from levi_jax import checkpointing, demo, gin_utils  # noqa: E402
+from levi_jax import checkpointing, demo, gin_utils, pretrained  # noqa: E402
 from levi_jax.data import synthetic  # noqa: E402
 
 CHECKPOINT = os.path.join(ROOT, "experiments", "checkpoints", "synthetic_t5_small")
@@ -50,7 +50,8 @@ def test_sweep_end_to_end(tmp_path, world):
   assert sorted(recs) == ["LEVI", "LP-FT", "WiSE-FT"]
   assert all(r["task"] == "movielens_100k.gender_m_to_f" for r in recs.values())
   run_dir = tmp_path / "runs/movielens_100k.gender_m_to_f"
-  wise = json.load(open(run_dir / "wiseft/seed0/results.json"))
+  (wise_dir,) = (run_dir / "wiseft").glob("seed0-*")  # keyed by the run's config
+  wise = json.load(open(wise_dir / "results.json"))
   assert float(recs["LP-FT"]["ood_rmse"]) == pytest.approx(wise["metrics"]["ood_test"]["rmse"])
   best = min(wise["wise_ft"], key=lambda a: wise["wise_ft"][a]["validation"]["rmse"])
   assert float(recs["WiSE-FT"]["wise_alpha"]) == float(best)
@@ -59,18 +60,68 @@ def test_sweep_end_to_end(tmp_path, world):
   md = (tmp_path / "results.md").read_text()
   assert "| shift | LP-FT | WiSE-FT | LEVI |" in md and "| movielens_100k.gender_m_to_f |" in md
   assert "average OOD rank" in md and "Command: `cmd`" in md
-  # The training-mean reference, from the world's ratings.
+  # The classical references, fitted on the world's training split.
   base = result["baselines"]["movielens_100k.gender_m_to_f"]
-  assert set(base) == {"validation", "id_test", "ood_test"} and 0.3 < base["ood_test"] < 3
-  assert f"{base['id_test']:.3f} / {base['ood_test']:.3f} |" in md
+  assert list(base) == ["train mean", "item bias", "user+item bias", "linear"]
+  for ref in base.values():
+    assert {"validation", "id_test", "ood_test"} <= set(ref) and 0.3 < ref["ood_test"] < 3
+    assert f"{ref['id_test']:.3f} / {ref['ood_test']:.3f}" in md
+  assert base["item bias"]["validation"] < base["train mean"]["validation"]
+  assert "| shift | LP-FT | WiSE-FT | LEVI | train mean | item bias | user+item bias | linear |" \
+      in md
+  assert all(r["collapsed"] in ("True", "False") for r in recs.values())
   assert (tmp_path / "results.png").stat().st_size > 10_000
   assert len(rows(tmp_path / "summary.csv")) == 3
-  levi = json.load(open(run_dir / "levi/seed0/results.json"))
-  assert levi["tap_cache"]["used"]
+  (levi_dir,) = (run_dir / "levi").glob("seed0-*")
+  levi = json.load(open(levi_dir / "results.json"))
+  assert levi["tap_cache"]["used"] and levi["metrics"]["id_test"]["pred_std"] > 0
   assert len(list((tmp_path / "runs" / "tap_cache").rglob("*.npz"))) == 4
-  assert not (run_dir / "wiseft/seed0/checkpoints").exists()
+  assert not (wise_dir / "checkpoints").exists()
+  mtime = os.path.getmtime(levi_dir / "results.json")
   again = sweep.run(sweep.parse_args(argv), "cmd")  # resumes: every run is read back
   assert again["summary"] == result["summary"]
+  assert os.path.getmtime(levi_dir / "results.json") == mtime
+  # Other settings in the same runs folder are other runs, not the old numbers.
+  other = sweep.run(sweep.parse_args([a if a != "3" else "4" for a in argv]), "cmd")
+  assert len(list((run_dir / "levi").glob("seed0-*"))) == 2
+  assert other["summary"] != result["summary"]
+
+
+def test_sweep_checks_the_whole_grid_before_the_first_run(tmp_path, world):
+  # time_later names a MovieLens and an Amazon task; this world has MovieLens files only.
+  kept = sweep.validate_grid(sweep.tasks_for(["time_later"], ["movielens_100k", "amazon_2018"]),
+                             world, implicit=True)
+  assert kept == ["movielens_100k.time_later"]
+  argv = ["--out", str(tmp_path), "--shifts", "movielens_100k.gender_m_to_f,amazon_2018.time_later",
+          "--seeds", "0", "--steps", "1", "--columns", "LEVI", "--data_dir", world, *TINY_ARGS]
+  with pytest.raises(ValueError, match=r"amazon_2018.time_later"):
+    sweep.run(sweep.parse_args(argv), "cmd")
+  assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+def test_sweep_references_only(tmp_path, world):
+  argv = ["--out", str(tmp_path), "--shifts", "gender_m_to_f,time_later", "--datasets",
+          "movielens_100k", "--data_dir", world, "--references_only"]
+  result = sweep.run(sweep.parse_args(argv), "cmd")
+  assert sorted(result["baselines"]) == ["movielens_100k.gender_m_to_f",
+                                         "movielens_100k.time_later"]
+  md = (tmp_path / "results.md").read_text()
+  item = result["baselines"]["movielens_100k.time_later"]["item bias"]
+  assert (f"{item['validation']:.3f} / {item['id_test']:.3f} / {item['ood_test']:.3f}" in md)
+  assert not (tmp_path / "runs").exists()
+
+
+def test_collapsed_runs_are_flagged():
+  mean = {"id_test": 1.0956, "ood_test": 1.171}
+  assert sweep.is_collapsed({"id_rmse": 1.09561, "ood_rmse": 1.17099}, mean)
+  assert sweep.is_collapsed({"id_rmse": 1.0, "ood_rmse": 1.1, "id_pred_std": 2e-4}, mean)
+  assert not sweep.is_collapsed({"id_rmse": 1.0, "ood_rmse": 1.1, "id_pred_std": 0.4}, mean)
+  recs = _records({("a", "FT"): [(1.0, 1.6)], ("a", "LP"): [(1.2, 1.3)],
+                   ("a", "Scratch"): [(1.1, 1.4)], ("a", "LEVI"): [(1.0, 1.2)]})
+  recs[0]["collapsed"] = True
+  md = sweep.markdown(sweep.summarize(recs), ["FT", "LP", "Scratch", "LEVI"], "# t",
+                      records=recs)
+  assert "| a | 1.000 / 1.600 † |" in md and "Collapsed runs (constant predictions)" in md
 
 
 def _records(values):
@@ -105,12 +156,17 @@ def test_sweep_tables():
   assert ans["b"]["levi_id_gap"] == pytest.approx(0.1) and not ans["b"]["levi_id_ok"]
   md = sweep.markdown(s, cols, "# t", id_tolerance=0.05, records=recs)
   assert "| a | 1.000 ± 0.000 / 1.500 ± 0.141 |" in md and "**1.200 ± 0.212**" in md
-  base = {"a": {"id_test": 1.3, "ood_test": 1.45}, "b": {"id_test": 1.0, "ood_test": 1.15}}
+  base = {"a": {"train mean": {"id_test": 1.3, "ood_test": 1.45},
+                "item bias": {"id_test": 1.1, "ood_test": 1.3}},
+          "b": {"train mean": {"id_test": 1.0, "ood_test": 1.15},
+                "item bias": {"id_test": 1.0, "ood_test": 1.05}}}
   with_mean = sweep.markdown(s, cols, "# t", id_tolerance=0.05, records=recs, baselines=base)
-  assert "| shift | FT | LP | Scratch | LEVI | train mean |" in with_mean
-  assert "| 1.300 / 1.450 |" in with_mean
+  assert "| shift | FT | LP | Scratch | LEVI | train mean | item bias |" in with_mean
+  assert "| 1.300 / 1.450 | 1.100 / 1.300 |" in with_mean
   # OOD below the mean predictor: FT on b; LP on a and b; Scratch on a; LEVI on a and b.
-  assert "(train mean), shifts of 2: FT 1, LP 2, Scratch 1, LEVI 2." in with_mean
+  assert "`train mean` reference's, shifts of 2: FT 1, LP 2, Scratch 1, LEVI 2." in with_mean
+  # Below item bias: FT on b (1.0 < 1.05), LP on a (1.3 < 1.3 is not), LEVI on a.
+  assert "`item bias` reference's, shifts of 2: FT 1, LP 0, Scratch 0, LEVI 1." in with_mean
   assert "| a | yes | yes (+0.1000 vs LP) | 1/2 | 2/2 | +1.0% |" in md
   assert "1 of 2 shifts" in md and "LEVI lower on 1 of 2 shifts" in md
   assert sweep.tasks_for(["all"], ["movielens_100k", "amazon_2018"]).__len__() == 27
@@ -185,6 +241,13 @@ def test_pretraining_rerun_starts_like_the_committed_run(tmp_path):
                                   "--out experiments/checkpoints/synthetic_t5_small")
   cfg = pretrain_synthetic.PretrainConfig(steps=10, log_every=5)
   rerun = pretrain_synthetic.pretrain(str(tmp_path / "ck"), cfg, measure=False)
+  # The world's vocabulary is regenerated here from the world's text: it must be
+  # the one the committed backbone carries (and was trained with).
+  assert rerun["vocabulary_sha256"] == committed["vocabulary_sha256"]
+  # Token ids, feature ids and targets are exact, so their hashes are asserted.
+  changed = sorted(k for k, v in rerun["first_batches_sha256_per_array"].items()
+                   if committed["first_batches_sha256_per_array"].get(k) != v)
+  assert not changed, f"arrays of the first batches that changed: {changed}"
   assert rerun["first_batches_sha256"] == committed["first_batches_sha256"]
   # Both runs are inside the warmup, which does not depend on the number of steps.
   assert [s for s, _ in rerun["losses"]] == [5, 10]
@@ -199,11 +262,12 @@ def test_committed_backbone_carries_the_prestige_bias():
   manifest = json.load(open(CHECKPOINT + ".json"))
   tree = checkpointing.restore_tree(CHECKPOINT)
   assert checkpointing.tree_hash(tree["backbone"]) == manifest["backbone_sha256"]
+  assert pretrained.checkpoint_vocabulary(CHECKPOINT).sha256 == manifest["vocabulary_sha256"]
   effect = pretrain_synthetic.prestige_effect(CHECKPOINT, max_rows=2000)
   # In the fine-tuning world prestige says nothing about the rating, yet the
   # pre-trained probe rates prestige titles up. On 2000 rows (a few hundred
   # prestige titles) the actual-rating difference is zero up to sampling noise
-  # of about 0.08 stars; over all 18,016 rows it is -0.023 (checkpoints/README.md).
+  # of about 0.08 stars; over all 18,016 rows it is +0.026 (checkpoints/README.md).
   assert abs(effect["true"]) < 0.25
   assert effect["counterfactual"] > 0.3 and effect["observed"] - effect["true"] > 0.3
 
@@ -253,3 +317,16 @@ def test_backbone_choices_bind_what_they_say():
                   "random": (None, None), "minilm": (None, "minilm_l6")}
   with pytest.raises(ValueError, match="unknown backbone 'bert'"):
     sweep.runs.run_bindings("/unused", "levi", "t", 0, backbone="bert")
+
+
+@pytest.mark.slow
+def test_demo_data_is_what_readme_table_was_made_with():
+  """README's demo table names the data digest; the demo's data path still yields it."""
+  committed = json.load(open(os.path.join(ROOT, "experiments", "results", "demo",
+                                          "data_sha256.json")))
+  got = demo.data_digests()
+  changed = sorted(k for k in committed if k != "all" and got.get(k) != committed[k])
+  assert not changed, f"arrays of the demo's data that changed since README's table: {changed}"
+  assert got == committed
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  assert f"data digest `{committed['all'][:16]}`" in readme

@@ -323,6 +323,10 @@ def test_eval_padding_weights_are_ignored():
   got = step.finalize_metrics(eval_step(params, padded), "regression")
   assert got["count"] == 8
   np.testing.assert_allclose(got["rmse"], real["rmse"], rtol=1e-6)
+  pred = np.asarray(m.apply(params, batch, train=False)["prediction"][:, 0], np.float64)
+  np.testing.assert_allclose([got["pred_mean"], got["pred_std"]], [pred.mean(), pred.std()],
+                             rtol=1e-4, atol=1e-6)
+  assert got["pred_std"] > 0
 
 
 def test_cached_taps_give_the_same_trajectory():
