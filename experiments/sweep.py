@@ -80,19 +80,29 @@ def tasks_for(shifts: Sequence[str], datasets: Sequence[str]) -> list[str]:
 
 
 def records_of(results: Mapping[str, Any], task: str, seed: int,
-               columns: Sequence[str]) -> list[dict[str, Any]]:
-  """Table records (one per column the run feeds) from one run's results."""
+               columns: Sequence[str], early_stopping: bool = False,
+               hparams: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+  """Table records (one per column the run feeds) from one run's results.
+
+  `early_stopping`: a column's numbers are those of the run's evaluation with
+  the lowest validation RMSE (`results["best_validation"]`), not the last.
+  `hparams` (e.g. the learning rate) are copied into every record.
+  """
   metric = lambda m, split: m.get(split, {}).get("rmse", float("nan"))
   base = {"task": task, "dataset": task.split(".")[0], "shift": task.split(".", 1)[1],
           "seed": seed, "method": results["method"],
           "train_time_s": results.get("train_time_s"), "wall_time_s": results.get("wall_time_s"),
           "params_trained": results.get("params_trained"),
           "params_total": results.get("params_total")}
+  base.update(hparams or {})
   out = []
   for col in columns:
     if COLUMNS[col] != results["method"]:
       continue
     m, extra = results["metrics"], {}
+    if early_stopping and "best_validation" in results and col != "WiSE-FT":
+      m = results["best_validation"]["metrics"]
+      extra = {"best_step": results["best_validation"]["step"]}
     if col == "WiSE-FT":
       alpha, m = min(results["wise_ft"].items(), key=lambda kv: kv[1]["validation"]["rmse"])
       extra = {"wise_alpha": float(alpha)}
@@ -109,6 +119,8 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   for task, col in keys:
     rs = [r for r in records if r["task"] == task and r["column"] == col]
     row = {"task": task, "column": col}
+    if "learning_rate" in rs[0]:
+      row["learning_rate"] = rs[0]["learning_rate"]
     for k in ("id", "ood", "val"):
       row[f"{k}_mean"], row[f"{k}_std"], row["seeds"] = runs.mean_std(
           float(r[f"{k}_rmse"]) for r in rs)
@@ -307,6 +319,11 @@ def markdown(summary: Sequence[Mapping[str, Any]], columns: Sequence[str], heade
     lines.append(f"**LEVI vs FT, OOD:** mean relative RMSE reduction {imp['mean']:+.2f}%"
                  f"{spread}, LEVI lower on {imp['wins']} of {imp['shifts']} shifts.")
     lines.append("")
+  chosen = [(r["task"], r["column"], r["learning_rate"]) for r in summary
+             if r.get("learning_rate") not in (None, "gin")]
+  if chosen:
+    lines += ["Learning rates chosen on validation (mean over seeds): " + "; ".join(
+        f"{t} {c} {lr:g}" for t, c, lr in chosen) + ".", ""]
   answer = figure1_answer(summary, id_tolerance, records)
   if answer:
     n = len(answer)
@@ -419,6 +436,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="train the small model with this share of known feature ids set to OOV "
                       "(runs.oov_dropout); its runs go to METHOD+oov<rate>/")
   p.add_argument("--id_tolerance", type=float, default=0.03)
+  p.add_argument("--lr_grid", default="",
+                 help="per-method learning-rate grids, chosen on validation: "
+                      "'ft,lora=1e-5,1e-4,3e-4;default=3e-4,1e-3,3e-3' ('' = the gin's)")
+  p.add_argument("--epochs", type=float, default=0.0,
+                 help="train every run this many epochs of its shift's training split "
+                      "(overrides --steps)")
+  p.add_argument("--evals_per_epoch", type=float, default=2.0,
+                 help="with --epochs: periodic evaluations per epoch")
+  p.add_argument("--early_stopping", action="store_true",
+                 help="report each run's best-validation evaluation, not its last")
   p.add_argument("--references_only", action="store_true",
                  help="fit and report the classical references only (no training)")
   p.add_argument("--keep_checkpoints", action="store_true")
@@ -435,6 +462,31 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.seeds = runs.parse_list(args.seeds, int)
   args.gin_file = args.gin_file or list(runs.BASE_GIN)
   return args
+
+
+def parse_lr_grid(text: str, methods: Sequence[str]) -> dict[str, list[float]]:
+  """'ft=1e-5,1e-4;levi,lp=3e-4,1e-3' -> {method: [lr, ...]}; `default=` covers the rest."""
+  grid: dict[str, list[float]] = {}
+  for part in text.split(";"):
+    if not part.strip():
+      continue
+    names, _, values = part.partition("=")
+    lrs = runs.parse_list(values, float)
+    if not lrs:
+      raise ValueError(f"--lr_grid {text!r}: no learning rates in {part!r}")
+    for name in runs.parse_list(names):
+      if name != "default" and name not in COLUMNS.values():
+        raise ValueError(f"--lr_grid: unknown method {name!r}; expected some of "
+                         f"{sorted(set(COLUMNS.values()))} or 'default'")
+      grid[name] = lrs
+  return {m: grid.get(m, grid.get("default", [])) for m in methods}
+
+
+def epochs_to_steps(task: str, data_dir: str, epochs: float, batch_size: int) -> int:
+  """Training steps for `epochs` passes over the task's training split."""
+  from levi_jax.data import pipeline
+  rows = len(pipeline.prepare(task, data_dir or None).rows("train"))
+  return max(1, int(round(epochs * rows / batch_size)))
 
 
 def validate_grid(tasks: Sequence[str], data_dir: str, implicit: bool) -> list[str]:
@@ -502,30 +554,55 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
       json.dump({"references": baselines}, f, indent=1)
     return {"records": [], "summary": [], "markdown": md, "baselines": baselines}
   methods = list(dict.fromkeys(COLUMNS[c] for c in args.columns))
+  grid = parse_lr_grid(args.lr_grid, methods)
+  batch_size = None
+  if args.epochs:
+    runs.parse_base(args.gin_file, args.gin)
+    batch_size = int(gin.query_parameter("%BATCH_SIZE"))
+    gin.clear_config()
   cache = "" if args.no_tap_cache else os.path.join(runs_dir, "tap_cache")
-  records = []
-  total, k = len(tasks) * len(methods) * len(args.seeds), 0
+  all_records = []
+  total = len(tasks) * sum(len(grid[m]) or 1 for m in methods) * len(args.seeds)
+  k = 0
   for task in tasks:
+    steps, schedule = args.steps, []
+    if args.epochs:
+      steps = epochs_to_steps(task, data_dir, args.epochs, batch_size)
+      schedule = [f"trainer.LoopConfig.eval_every = "
+                  f"{max(1, steps // max(1, round(args.epochs * args.evals_per_epoch)))}"]
     for seed in args.seeds:
       for method in methods:
-        k += 1
-        oov = args.oov_dropout if method in runs.FEATURE_METHODS else 0.0
-        name = f"{method}+oov{oov:g}" if oov else method
-        bindings = runs.run_bindings(
-            "", method, task, seed, backbone=args.backbone, data_dir=args.data_dir,
-            steps=args.steps, tap_cache_dir=cache if method in runs.TAP_CACHE_METHODS else "",
-            extra=args.gin)
-        model_dir = os.path.join(runs_dir, task, name,
-                                 f"seed{seed}-{run_key(args.gin_file, bindings, oov)}")
-        bindings[0] = f"MODEL_DIR = '{model_dir}'"
-        t = time.time()
-        r = runs.train_run(model_dir, bindings, args.gin_file, args.keep_checkpoints, oov, seed)
-        m = r["metrics"]
-        print(f"[{k}/{total}] {task} {method} seed {seed}: ID {m['id_test']['rmse']:.4f} "
-              f"OOD {m['ood_test']['rmse']:.4f} ({time.time() - t:.0f}s)", flush=True)
-        for rec in records_of(r, task, seed, args.columns):
-          rec["collapsed"] = is_collapsed(rec, baselines[task][MEAN_COLUMN])
-          records.append(rec)
+        for lr in grid[method] or [None]:
+          k += 1
+          oov = args.oov_dropout if method in runs.FEATURE_METHODS else 0.0
+          name = f"{method}+oov{oov:g}" if oov else method
+          bindings = runs.run_bindings(
+              "", method, task, seed, backbone=args.backbone, data_dir=args.data_dir,
+              steps=steps, tap_cache_dir=cache if method in runs.TAP_CACHE_METHODS else "",
+              extra=[*schedule, *([f"LEARNING_RATE = {lr!r}"] if lr is not None else []),
+                     *args.gin])
+          model_dir = os.path.join(runs_dir, task, name,
+                                   f"seed{seed}-{run_key(args.gin_file, bindings, oov)}")
+          bindings[0] = f"MODEL_DIR = '{model_dir}'"
+          t = time.time()
+          r = runs.train_run(model_dir, bindings, args.gin_file, args.keep_checkpoints, oov,
+                             seed)
+          m = r["metrics"]
+          print(f"[{k}/{total}] {task} {method} seed {seed}"
+                + (f" lr {lr:g}" if lr is not None else "")
+                + f": ID {m['id_test']['rmse']:.4f} OOD {m['ood_test']['rmse']:.4f} "
+                  f"({time.time() - t:.0f}s)", flush=True)
+          hparams = {"learning_rate": lr if lr is not None else "gin", "steps": steps or "gin"}
+          for rec in records_of(r, task, seed, args.columns, args.early_stopping, hparams):
+            rec["collapsed"] = is_collapsed(rec, baselines[task][MEAN_COLUMN])
+            all_records.append(rec)
+  # Per (shift, column): the learning rate with the best mean validation RMSE over seeds.
+  from levi_jax import references
+  records = references.select_by_validation(all_records, ("task", "column"),
+                                            hparam_keys=("learning_rate",))
+  chosen = {id(r) for r in records}
+  for r in all_records:
+    r["selected"] = id(r) in chosen
   summary = summarize(records)
   run_time = sum(r["wall_time_s"] or 0.0 for r in records if r["column"] != "WiSE-FT")
   header = (f"# Methods x shifts: ID and OOD RMSE\n\n"
@@ -535,13 +612,19 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
             + (f"; steps {args.steps}" if args.steps else "")
             + (f"; bindings {args.gin}" if args.gin else "")
             + (f"; small-model OOV dropout {args.oov_dropout:g}" if args.oov_dropout else "")
+            + (f"; learning rate per method and shift chosen on validation (mean over seeds) "
+               f"from {args.lr_grid!r}" if args.lr_grid else "")
+            + (f"; {args.epochs:g} epochs per run, evaluated {args.evals_per_epoch:g}x per epoch"
+               if args.epochs else "")
+            + ("; numbers from each run's best-validation evaluation (early stopping)"
+               if args.early_stopping else "")
             + f"; the runs took {run_time / 60:.0f} min of wall time in all."
             f"\n\nCommand: `{command}`")
   md = markdown(summary, args.columns, header, args.id_tolerance, records, baselines)
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write(md)
-  runs.write_csv(os.path.join(out, "runs.csv"), records)
+  runs.write_csv(os.path.join(out, "runs.csv"), all_records)
   runs.write_csv(os.path.join(out, "summary.csv"), summary)
   chart(summary, args.columns, os.path.join(out, "results.png"),
         f"{len(tasks)} shifts, seeds {','.join(map(str, args.seeds))}, backbone {args.backbone}")
@@ -553,7 +636,8 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
                "references": baselines,
                "collapsed": sorted({(r["task"], r["column"]) for r in records
                                     if r["collapsed"]})}, f, indent=1)
-  return {"records": records, "summary": summary, "markdown": md, "baselines": baselines}
+  return {"records": records, "all_records": all_records, "summary": summary, "markdown": md,
+          "baselines": baselines}
 
 
 def main(argv=None):

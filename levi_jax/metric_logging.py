@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import time
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 
@@ -65,3 +65,30 @@ class Progress:
   def close(self):
     if self.bar is not None:
       self.bar.close()
+
+
+def best_eval(model_dir: str, split: str = "validation", key: str = "rmse"
+              ) -> dict[str, Any] | None:
+  """The periodic evaluation with the lowest `split/key` in MODEL_DIR's metrics.jsonl.
+
+  Early stopping by model selection: {"step", "metrics": {split: {metric: v}}}
+  of that evaluation (the first on ties), read back from the log so that it
+  holds across resumed runs; None when no evaluation logged `split/key`.
+  """
+  path = os.path.join(model_dir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return None
+  best = None
+  with open(path) as f:
+    for line in f:
+      row = json.loads(line)
+      value = row.get(f"{split}/{key}")
+      if value is None or (best is not None and value >= best[0]):
+        continue
+      evals: dict[str, dict[str, float]] = {}
+      for name, v in row.items():
+        if "/" in name and not name.startswith("train/"):
+          s, m = name.split("/", 1)
+          evals.setdefault(s, {})[m] = v
+      best = (value, {"step": int(row["step"]), "metrics": evals})
+  return best[1] if best else None

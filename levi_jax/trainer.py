@@ -552,6 +552,9 @@ def train(
       "frozen_hash": final_frozen_hash,
       "metrics": results_evals,
   }
+  best = metric_logging.best_eval(model_dir)
+  if best is not None and not eval_only:
+    results["best_validation"] = best  # early stopping: the evaluation chosen on validation
   if wise:
     results["wise_ft"] = wise
   if tap_stats:

@@ -87,6 +87,39 @@ def test_sweep_end_to_end(tmp_path, world):
   assert other["summary"] != result["summary"]
 
 
+def test_sweep_protocol_chooses_learning_rates_on_validation(tmp_path, world):
+  """Per (shift, method): the learning rate of the best mean validation RMSE over seeds;
+  epochs set the steps; each run reports its best-validation evaluation."""
+  argv = ["--out", str(tmp_path), "--shifts", "gender_m_to_f", "--seeds", "0,1",
+          "--columns", "LP,LEVI", "--backbone", "random", "--data_dir", world,
+          "--lr_grid", "lp=1e-3,3e-2;default=1e-4,3e-3", "--epochs", "0.05",
+          "--evals_per_epoch", "40", "--early_stopping", *TINY_ARGS]
+  result = sweep.run(sweep.parse_args(argv), "cmd")
+  every = result["all_records"]
+  assert len(every) == 2 * 2 * 2  # methods x learning rates x seeds
+  assert {r["learning_rate"] for r in every if r["column"] == "LP"} == {1e-3, 3e-2}
+  assert {r["learning_rate"] for r in every if r["column"] == "LEVI"} == {1e-4, 3e-3}
+  for col in ("LP", "LEVI"):
+    mean_val = {}
+    for r in every:
+      if r["column"] == col:
+        mean_val.setdefault(r["learning_rate"], []).append(r["val_rmse"])
+    best = min(mean_val, key=lambda lr: np.mean(mean_val[lr]))
+    picked = [r for r in result["records"] if r["column"] == col]
+    assert {r["learning_rate"] for r in picked} == {best} and len(picked) == 2
+    assert all(r["selected"] == (r["learning_rate"] == best) for r in every
+               if r["column"] == col)
+  res = [json.load(open(p / "results.json"))
+         for p in (tmp_path / "runs/movielens_100k.gender_m_to_f/levi").glob("seed0-*")]
+  for r in res:
+    best = r["best_validation"]
+    assert best["metrics"]["validation"]["rmse"] <= r["metrics"]["validation"]["rmse"]
+    steps = {rec["steps"] for rec in every}
+    assert len(steps) == 1 and r["num_steps"] == steps.pop() >= 1
+  assert "Learning rates chosen on validation" in result["markdown"]
+  assert len(rows(tmp_path / "runs.csv")) == 8
+
+
 def test_sweep_checks_the_whole_grid_before_the_first_run(tmp_path, world):
   # time_later names a MovieLens and an Amazon task; this world has MovieLens files only.
   kept = sweep.validate_grid(sweep.tasks_for(["time_later"], ["movielens_100k", "amazon_2018"]),
