@@ -183,6 +183,7 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
 def main(argv=None):
   args = parse_args(argv)
   runs.initialize_multiprocess(args.multiprocess)
+  runs.progress_logging()
   command = runs.command_line("layer_ablation.py", argv)
   result = run(args, command)
   print(result["markdown"])

@@ -159,6 +159,27 @@ def command_line(script: str, argv: Sequence[str] | None = None) -> str:
       shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
 
+def progress_logging():
+  """Training progress lines (`levi_jax` logger, INFO) on stdout, also when it is not a
+  terminal (a long run under nohup or a job scheduler would otherwise print nothing)."""
+  import logging
+
+  class Stdout(logging.StreamHandler):
+    """Writes to whatever sys.stdout is at the time of the record."""
+
+    def emit(self, record):
+      self.stream = sys.stdout
+      super().emit(record)
+
+  logger = logging.getLogger("levi_jax")
+  if not any(type(h).__name__ == "Stdout" for h in logger.handlers):
+    handler = Stdout()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+
+
 def initialize_multiprocess(enabled: bool):
   """`jax.distributed.initialize()` when a script runs on several hosts."""
   if enabled:

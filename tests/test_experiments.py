@@ -363,3 +363,22 @@ def test_demo_data_is_what_readme_table_was_made_with():
   assert got == committed
   readme = open(os.path.join(ROOT, "README.md")).read()
   assert f"data digest `{committed['all'][:16]}`" in readme
+
+
+def test_progress_lines_print_when_stdout_is_not_a_terminal(capsys):
+  import logging
+  import runs  # noqa: E402
+  from levi_jax import metric_logging
+  logger = logging.getLogger("levi_jax")
+  level, propagate = logger.level, logger.propagate
+  try:
+    runs.progress_logging()
+    runs.progress_logging()  # idempotent: one handler
+    progress = metric_logging.Progress(10, 0, 4, 1)
+    progress.update(5, 0.5)
+    out = capsys.readouterr().out
+    assert out.count("step 5/10 loss 0.5000") == 1
+  finally:
+    logger.handlers = [h for h in logger.handlers if type(h).__name__ != "Stdout"]
+    logger.setLevel(level)
+    logger.propagate = propagate
