@@ -58,7 +58,18 @@ import runs  # noqa: E402
 MEAN_COLUMN = "train mean"
 COLUMNS = {"FT": "ft", "LP": "lp", "LP-FT": "wiseft", "WiSE-FT": "wiseft",
            "Scratch": "scratch", "Ensemble": "ensemble", "LEVI": "levi",
-           "LoRA": "lora", "LEVI+LoRA": "levi_lora"}
+           "LoRA": "lora", "LEVI+LoRA": "levi_lora", "LEVI-layerwise": "levi",
+           "LEVI+aux": "levi"}
+# Columns that are a method with extra bindings, trained as runs of their own.
+VARIANTS = {"LEVI-layerwise": ("levi_layerwise", ("trainer.ModelConfig.fusion = 'layerwise'",)),
+            "LEVI+aux": ("levi_aux", ("trainer.ModelConfig.aux_heads = True",
+                                      "step.LossConfig.aux_weight = 0.3"))}
+
+
+def run_of(column: str) -> tuple[str, str, tuple[str, ...]]:
+  """(run name, method, extra bindings) of the run that feeds `column`."""
+  name, extra = VARIANTS.get(column, (COLUMNS[column], ()))
+  return name, COLUMNS[column], extra
 DEFAULT_COLUMNS = ("FT", "LP", "LP-FT", "WiSE-FT", "Scratch", "Ensemble", "LEVI")
 LORA_COLUMNS = ("LoRA", "LEVI+LoRA")
 DEFAULT_DATASETS = ("movielens_100k", "amazon_2018")
@@ -98,7 +109,7 @@ def records_of(results: Mapping[str, Any], task: str, seed: int,
   out = []
   for col in columns:
     if COLUMNS[col] != results["method"]:
-      continue
+      continue  # (`columns`: the columns this run feeds)
     m, extra = results["metrics"], {}
     if early_stopping and "best_validation" in results and col != "WiSE-FT":
       m = results["best_validation"]["metrics"]
@@ -553,7 +564,11 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     with open(os.path.join(out, "figure1.json"), "w") as f:
       json.dump({"references": baselines}, f, indent=1)
     return {"records": [], "summary": [], "markdown": md, "baselines": baselines}
-  methods = list(dict.fromkeys(COLUMNS[c] for c in args.columns))
+  plan: dict[str, tuple[str, tuple[str, ...], list[str]]] = {}  # run name -> method, ...
+  for c in args.columns:
+    name, method, extra = run_of(c)
+    plan.setdefault(name, (method, extra, []))[2].append(c)
+  methods = list(dict.fromkeys(m for m, _, _ in plan.values()))
   grid = parse_lr_grid(args.lr_grid, methods)
   batch_size = None
   if args.epochs:
@@ -562,7 +577,7 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     gin.clear_config()
   cache = "" if args.no_tap_cache else os.path.join(runs_dir, "tap_cache")
   all_records = []
-  total = len(tasks) * sum(len(grid[m]) or 1 for m in methods) * len(args.seeds)
+  total = len(tasks) * sum(len(grid[m]) or 1 for m, _, _ in plan.values()) * len(args.seeds)
   k = 0
   for task in tasks:
     steps, schedule = args.steps, []
@@ -571,16 +586,16 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
       schedule = [f"trainer.LoopConfig.eval_every = "
                   f"{max(1, steps // max(1, round(args.epochs * args.evals_per_epoch)))}"]
     for seed in args.seeds:
-      for method in methods:
+      for run_name, (method, variant, run_columns) in plan.items():
         for lr in grid[method] or [None]:
           k += 1
           oov = args.oov_dropout if method in runs.FEATURE_METHODS else 0.0
-          name = f"{method}+oov{oov:g}" if oov else method
+          name = f"{run_name}+oov{oov:g}" if oov else run_name
           bindings = runs.run_bindings(
               "", method, task, seed, backbone=args.backbone, data_dir=args.data_dir,
               steps=steps, tap_cache_dir=cache if method in runs.TAP_CACHE_METHODS else "",
               extra=[*schedule, *([f"LEARNING_RATE = {lr!r}"] if lr is not None else []),
-                     *args.gin])
+                     *variant, *args.gin])
           model_dir = os.path.join(runs_dir, task, name,
                                    f"seed{seed}-{run_key(args.gin_file, bindings, oov)}")
           bindings[0] = f"MODEL_DIR = '{model_dir}'"
@@ -588,12 +603,12 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
           r = runs.train_run(model_dir, bindings, args.gin_file, args.keep_checkpoints, oov,
                              seed)
           m = r["metrics"]
-          print(f"[{k}/{total}] {task} {method} seed {seed}"
+          print(f"[{k}/{total}] {task} {run_name} seed {seed}"
                 + (f" lr {lr:g}" if lr is not None else "")
                 + f": ID {m['id_test']['rmse']:.4f} OOD {m['ood_test']['rmse']:.4f} "
                   f"({time.time() - t:.0f}s)", flush=True)
           hparams = {"learning_rate": lr if lr is not None else "gin", "steps": steps or "gin"}
-          for rec in records_of(r, task, seed, args.columns, args.early_stopping, hparams):
+          for rec in records_of(r, task, seed, run_columns, args.early_stopping, hparams):
             rec["collapsed"] = is_collapsed(rec, baselines[task][MEAN_COLUMN])
             all_records.append(rec)
   # Per (shift, column): the learning rate with the best mean validation RMSE over seeds.
@@ -606,7 +621,7 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
   summary = summarize(records)
   run_time = sum(r["wall_time_s"] or 0.0 for r in records if r["column"] != "WiSE-FT")
   header = (f"# Methods x shifts: ID and OOD RMSE\n\n"
-            f"{len(tasks)} shifts x {len(methods)} trained methods x seeds "
+            f"{len(tasks)} shifts x {len(plan)} trained runs x seeds "
             f"{','.join(map(str, args.seeds))}; backbone `{args.backbone}`; data_dir "
             f"`{args.data_dir or 'of the gin (demo: the synthetic world)'}`; base gin {', '.join(args.gin_file)}"
             + (f"; steps {args.steps}" if args.steps else "")

@@ -136,6 +136,7 @@ def make_method(
     fusion_hidden: Sequence[int] = (64,),
     num_outputs: int = 1,
     aux_heads: bool = False,
+    fusion: str = "late",
     lora: lora_lib.LoraConfig | None = None,
     ensemble_member: str = "lp",
     lp_fraction: float = 0.5,
@@ -149,9 +150,9 @@ def make_method(
     name: one of `METHODS`.
     backbone: encoder module returning `EncoderOutput` (e.g. `T5Encoder`).
     task_net: small model trained from scratch (`FeatureTower`/`TokenTower`).
-    taps, pooling, adapter_dim, fusion_hidden, aux_heads: LEVI's settings
-      (see `LeviModel`); the probe baselines use a linear head on the pooled
-      final output and the same pooling.
+    taps, pooling, adapter_dim, fusion_hidden, aux_heads, fusion: LEVI's
+      settings (see `LeviModel`); the probe baselines use a linear head on the
+      pooled final output and the same pooling.
     num_outputs: 1 for regression, class count for classification.
     lora: LoRA settings for lora/levi_lora (default `LoraConfig()`).
     ensemble_member: "lp" or "ft": the backbone member of the ensemble.
@@ -185,7 +186,7 @@ def make_method(
     return LeviModel(backbone=backbone, task_net=task_net, taps=tuple(taps),
                      pooling=pooling, adapter_dim=adapter_dim, fusion_hidden=fusion_hidden,
                      num_outputs=num_outputs, aux_heads=aux_heads, freeze_backbone=freeze,
-                     output_bias=output_bias, dtype=dtype)
+                     output_bias=output_bias, fusion=fusion, dtype=dtype)
 
   def probe(freeze: bool) -> LeviModel:
     return LeviModel(backbone=backbone, taps=("final",), pooling=pooling, adapter_dim=None,

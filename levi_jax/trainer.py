@@ -63,6 +63,9 @@ class ModelConfig:
     feature_embed_dim, task_hidden: FeatureTower sizes.
     token_layers, token_embed_dim: TokenTower sizes.
     taps, pooling, adapter_dim, fusion_hidden, aux_heads: LEVI settings.
+    fusion: how LEVI joins the views: "late" (adapted taps concatenated with
+      the small model's output) or "layerwise" (each tap added to a hidden
+      layer of the small model; see `levi_jax.models.levi`).
     lora_rank, lora_alpha: LoRA settings (lora, levi_lora).
     ensemble_member, lp_fraction, wise_alphas: baseline settings.
     pretrained: a `levi_jax.checkpoints.backbones.PretrainedConfig` (e.g. the
@@ -85,6 +88,7 @@ class ModelConfig:
   adapter_dim: int | None = 64
   fusion_hidden: tuple[int, ...] = (64,)
   aux_heads: bool = False
+  fusion: str = "late"
   lora_rank: int = 8
   lora_alpha: float = 16.0
   ensemble_member: str = "lp"
@@ -98,6 +102,10 @@ class ModelConfig:
     if self.backbone not in t5_encoder.PRESETS:
       raise ValueError(f"ModelConfig.backbone: unknown preset {self.backbone!r}; "
                        f"expected one of {sorted(t5_encoder.PRESETS)}")
+    from levi_jax.models import levi as levi_lib
+    if self.fusion not in levi_lib.FUSIONS:
+      raise ValueError(f"ModelConfig.fusion must be one of {levi_lib.FUSIONS}, "
+                       f"got {self.fusion!r}")
     if self.task_net not in ("features", "tokens"):
       raise ValueError(f"ModelConfig.task_net must be 'features' or 'tokens', "
                        f"got {self.task_net!r}")
@@ -212,6 +220,7 @@ def build_method(cfg: ModelConfig, data: TaskData, num_outputs: int = 1,
       cfg.method, backbone=backbone, task_net=task_net,
       taps=cfg.taps, pooling=cfg.pooling, adapter_dim=cfg.adapter_dim,
       fusion_hidden=cfg.fusion_hidden, num_outputs=num_outputs, aux_heads=cfg.aux_heads,
+      fusion=cfg.fusion,
       lora=lora_lib.LoraConfig(cfg.lora_rank, cfg.lora_alpha),
       ensemble_member=cfg.ensemble_member, lp_fraction=cfg.lp_fraction,
       wise_alphas=cfg.wise_alphas, dtype=cfg.dtype,

@@ -91,15 +91,15 @@ def test_sweep_protocol_chooses_learning_rates_on_validation(tmp_path, world):
   """Per (shift, method): the learning rate of the best mean validation RMSE over seeds;
   epochs set the steps; each run reports its best-validation evaluation."""
   argv = ["--out", str(tmp_path), "--shifts", "gender_m_to_f", "--seeds", "0,1",
-          "--columns", "LP,LEVI", "--backbone", "random", "--data_dir", world,
+          "--columns", "LP,LEVI,LEVI-layerwise", "--backbone", "random", "--data_dir", world,
           "--lr_grid", "lp=1e-3,3e-2;default=1e-4,3e-3", "--epochs", "0.05",
           "--evals_per_epoch", "40", "--early_stopping", *TINY_ARGS]
   result = sweep.run(sweep.parse_args(argv), "cmd")
   every = result["all_records"]
-  assert len(every) == 2 * 2 * 2  # methods x learning rates x seeds
+  assert len(every) == 3 * 2 * 2  # runs x learning rates x seeds
   assert {r["learning_rate"] for r in every if r["column"] == "LP"} == {1e-3, 3e-2}
   assert {r["learning_rate"] for r in every if r["column"] == "LEVI"} == {1e-4, 3e-3}
-  for col in ("LP", "LEVI"):
+  for col in ("LP", "LEVI", "LEVI-layerwise"):
     mean_val = {}
     for r in every:
       if r["column"] == col:
@@ -117,7 +117,13 @@ def test_sweep_protocol_chooses_learning_rates_on_validation(tmp_path, world):
     steps = {rec["steps"] for rec in every}
     assert len(steps) == 1 and r["num_steps"] == steps.pop() >= 1
   assert "Learning rates chosen on validation" in result["markdown"]
-  assert len(rows(tmp_path / "runs.csv")) == 8
+  assert len(rows(tmp_path / "runs.csv")) == 12
+  # The layer-wise variant is a run of its own, with its own fusion.
+  (lw,) = list((tmp_path / "runs/movielens_100k.gender_m_to_f/levi_layerwise").glob("seed0-*"))[:1]
+  assert "fusion = 'layerwise'" in (lw / "config.gin").read_text()
+  late = [r for r in every if r["column"] == "LEVI" and r["seed"] == 0]
+  layerwise = [r for r in every if r["column"] == "LEVI-layerwise" and r["seed"] == 0]
+  assert {r["val_rmse"] for r in late} != {r["val_rmse"] for r in layerwise}
 
 
 def test_sweep_checks_the_whole_grid_before_the_first_run(tmp_path, world):

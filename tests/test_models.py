@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from levi_jax import methods, step
+from levi_jax import methods, step, trainer
+from levi_jax.models import levi as levi_lib
 from levi_jax.models import lora as lora_lib
 from levi_jax.models import t5_encoder as t5
 from levi_jax.models.levi import pool, resolve_taps
@@ -391,3 +392,58 @@ def test_schedules_warm_up_and_decay():
       assert float(lr(90)) < 0.5
   with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
     OptimizerConfig(name="adam")
+
+
+def test_tap_layers_spread_taps_over_the_small_model():
+  assert levi_lib.tap_layers(2, 2) == [0, 1]
+  assert levi_lib.tap_layers(1, 3) == [2]  # one tap joins at the last layer
+  assert levi_lib.tap_layers(4, 2) == [0, 0, 1, 1]
+  assert levi_lib.tap_layers(3, 3) == [0, 1, 2]
+
+
+def test_layerwise_fusion_joins_taps_inside_the_small_model():
+  """Each tap's adapter feeds a hidden layer of the small model; training lowers the
+  loss, keeps the backbone frozen and computes no backbone weight gradient."""
+  m = methods.make_method("levi", backbone=t5.T5Encoder(tiny_cfg()),
+                          task_net=FeatureTower(FEATS, hidden=(10, 7)), adapter_dim=5,
+                          fusion_hidden=(6,), fusion="layerwise")  # no backbone-kernel sizes
+  batch = make_batch(b=5)
+  params = nn.meta.unbox(m.init(jax.random.PRNGKey(0), batch))
+  # Adapters end at the width of the small-model layer they join: middle -> 10, last -> 7.
+  assert params["adapter_0"]["dense_1"]["kernel"].shape == (5, 10)
+  assert params["adapter_1"]["dense_1"]["kernel"].shape == (5, 7)
+  assert params["head"]["dense_0"]["kernel"].shape == (7, 6)  # the fused state, alone
+  # Changing a tap changes the small model's hidden state, hence the prediction.
+  taps = m.module.apply({"params": params}, batch, method=m.module.pooled_taps)
+  base = m.module.apply({"params": params}, dict(batch, pooled_taps=np.asarray(taps)))
+  shifted = np.array(taps)
+  # Only the middle tap, which joins the first hidden layer (not a constant shift:
+  # the adapter's LayerNorm removes those).
+  shifted[:, 0] += np.random.RandomState(0).randn(*shifted[:, 0].shape)
+  moved = m.module.apply({"params": params}, dict(batch, pooled_taps=shifted))
+  assert not np.allclose(base["prediction"], moved["prediction"])
+  state, opt = init_state(m, batch, lr=0.1)
+  frozen0 = jax.tree.map(np.array, state.frozen)
+  train_step = jax.jit(step.make_train_step(m, opt, step.LossConfig()))
+  losses = []
+  for _ in range(6):
+    state, metrics = train_step(state, batch, jax.random.PRNGKey(1))
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < 0.9 * losses[0], losses
+  jax.tree.map(np.testing.assert_array_equal, frozen0, jax.tree.map(np.array, state.frozen))
+  jaxpr = jax.make_jaxpr(step.make_train_step(m, opt, step.LossConfig()))(
+      state, batch, jax.random.PRNGKey(1)).jaxpr
+  cfg = tiny_cfg()
+  kv = cfg.num_heads * cfg.head_dim
+  kernel_shapes = {(cfg.emb_dim, kv), (kv, cfg.emb_dim), (cfg.emb_dim, cfg.mlp_dim),
+                   (cfg.mlp_dim, cfg.emb_dim)}
+  assert not kernel_shapes & set(_dot_shapes(jaxpr))
+
+
+def test_layerwise_fusion_needs_a_small_model_with_layers():
+  m = methods.make_method("levi", backbone=t5.T5Encoder(tiny_cfg()),
+                          task_net=TokenTower(VOCAB), fusion="layerwise")
+  with pytest.raises(ValueError, match="layerwise"):
+    m.init(jax.random.PRNGKey(0), make_batch())
+  with pytest.raises(ValueError, match="fusion"):
+    trainer.ModelConfig(fusion="early")

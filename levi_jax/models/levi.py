@@ -13,9 +13,18 @@ What the paper states [paper] and what we chose [ours] (see shared PAPER.md):
   first token) and goes through its own adapting layer: LayerNorm, Dense to a
   common width, GELU. The LayerNorm is ours: raw T5 residual streams grow
   large with depth, and normalising lets one width/learning rate fit all taps.
-* [ours] The adapted taps are concatenated with the small model's
-  representation and a fusion MLP produces the prediction (a scalar for rating
-  regression, logits for classification).
+* [ours] Two ways to join the views, `fusion`:
+  - "late" (default): the adapted taps are concatenated with the small
+    model's final representation and a fusion MLP produces the prediction (a
+    scalar for rating regression, logits for classification);
+  - "layerwise": each tap, in depth order, is assigned to a hidden layer of the
+    small model (spread evenly over its depth: `tap_layers`); its adapting
+    layer (LayerNorm, Dense, GELU, Dense to that layer's width) is added to the
+    small model's hidden state there, and the fused state flows on through the
+    small model to the fusion MLP. This is the closer reading of "layer-wise
+    ensemble ... across multiple intermediate representations": the views meet
+    at several depths, not only at the end. The paper's text supports both
+    readings; it gives no equations (PAPER.md).
 * [ours] Loss: the task loss on the fused output; optional auxiliary heads
   (one linear head per view) add `aux_weight` x their task losses. Default
   off, because the paper describes one shared loss.
@@ -74,6 +83,16 @@ def resolve_taps(taps: Sequence[Tap], num_layers: int) -> tuple[int | str, ...]:
   return tuple(out)
 
 
+FUSIONS = ("late", "layerwise")
+
+
+def tap_layers(num_taps: int, num_layers: int) -> list[int]:
+  """The small-model layer each tap (in depth order) joins under layer-wise fusion:
+  spread evenly, the deepest tap at the last layer (several may share one)."""
+  return [min(num_layers - 1, ((k + 1) * num_layers - 1) // num_taps)
+          for k in range(num_taps)]
+
+
 def pool(x: Array, mask: Array, pooling: str) -> Array:
   """Pools `[batch, length, d]` over the non-padding tokens to `[batch, d]`."""
   if pooling == "mean":
@@ -112,6 +131,7 @@ class LeviModel(nn.Module):
   aux_heads: bool = False
   freeze_backbone: bool = True
   output_bias: float = 0.0
+  fusion: str = "late"
   dtype: Any = jnp.float32
 
   def pooled_taps(self, batch: Mapping[str, Array], deterministic: bool = True) -> Array:
@@ -122,21 +142,56 @@ class LeviModel(nn.Module):
               for t in taps]
     return jnp.stack(pooled, axis=1)
 
+  def _pooled(self, batch: Mapping[str, Array], deterministic: bool) -> list[Array]:
+    """The pooled taps, one `[batch, embed]` array per tap (cached or computed)."""
+    if self.backbone is None or not self.taps:
+      return []
+    taps = resolve_taps(self.taps, self.backbone.config.num_layers)
+    if CACHED_TAPS in batch:  # precomputed by `pooled_taps`; backbone skipped
+      pooled = jnp.asarray(batch[CACHED_TAPS])
+      if pooled.shape[1] != len(taps):
+        raise ValueError(f"batch['{CACHED_TAPS}'] holds {pooled.shape[1]} taps, the "
+                         f"model taps {len(taps)} ({taps})")
+    else:
+      pooled = self.pooled_taps(batch, deterministic)
+    if self.freeze_backbone:
+      pooled = jax.lax.stop_gradient(pooled)
+    return [pooled[:, i].astype(self.dtype) for i in range(len(taps))]
+
+  def _layerwise_views(self, batch: Mapping[str, Array], pooled: list[Array]) -> list[Array]:
+    """Taps injected into the small model's hidden layers; returns [taps..., fused]."""
+    hidden = getattr(self.task_net, "hidden", None)
+    if self.task_net is None or not hidden or self.backbone is None or not self.taps:
+      raise ValueError("fusion='layerwise' needs a backbone with taps and a task_net with "
+                       "hidden layers (FeatureTower)")
+    taps = resolve_taps(self.taps, self.backbone.config.num_layers)
+    order = sorted(range(len(taps)), key=lambda i: (taps[i] == "final", taps[i]
+                                                     if taps[i] != "final" else 0))
+    layers = tap_layers(len(taps), len(hidden))
+    injections: list[Array | None] = [None] * len(hidden)
+    adapted = []
+    for rank, i in enumerate(order):
+      v = pooled[i]
+      layer = layers[rank]
+      name = f"adapter_{taps[i]}"
+      v = nn.LayerNorm(dtype=self.dtype, name=f"{name}_norm")(v)
+      v = MLP((self.adapter_dim or hidden[layer], hidden[layer]), dtype=self.dtype,
+              name=name)(v)
+      adapted.append(v)
+      injections[layer] = v if injections[layer] is None else injections[layer] + v
+    fused = self.task_net(batch, injections).astype(self.dtype)
+    return adapted + [fused]
+
   def _views(self, batch: Mapping[str, Array], deterministic: bool) -> list[Array]:
+    if self.fusion not in FUSIONS:
+      raise ValueError(f"unknown fusion {self.fusion!r}; expected one of {FUSIONS}")
+    pooled = self._pooled(batch, deterministic)
+    if self.fusion == "layerwise":
+      return self._layerwise_views(batch, pooled)
     views = []
-    if self.backbone is not None and self.taps:
+    if pooled:
       taps = resolve_taps(self.taps, self.backbone.config.num_layers)
-      if CACHED_TAPS in batch:  # precomputed by `pooled_taps`; backbone skipped
-        pooled = jnp.asarray(batch[CACHED_TAPS])
-        if pooled.shape[1] != len(taps):
-          raise ValueError(f"batch['{CACHED_TAPS}'] holds {pooled.shape[1]} taps, the "
-                           f"model taps {len(taps)} ({taps})")
-      else:
-        pooled = self.pooled_taps(batch, deterministic)
-      if self.freeze_backbone:
-        pooled = jax.lax.stop_gradient(pooled)
-      for i, t in enumerate(taps):
-        v = pooled[:, i].astype(self.dtype)
+      for t, v in zip(taps, pooled):
         if self.adapter_dim is not None:
           name = f"adapter_{t}"
           v = nn.LayerNorm(dtype=self.dtype, name=f"{name}_norm")(v)
@@ -154,7 +209,9 @@ class LeviModel(nn.Module):
                ) -> dict[str, Any]:
     """Returns {"prediction": [batch, num_outputs], "aux": tuple of the same}."""
     views = self._views(batch, deterministic)
-    x = jnp.concatenate(views, axis=-1)
+    # Late fusion joins every view here; layer-wise fusion already joined them
+    # inside the small model, whose fused state is the last view.
+    x = views[-1] if self.fusion == "layerwise" else jnp.concatenate(views, axis=-1)
     pred = MLP(self.fusion_hidden + (self.num_outputs,), final_bias=self.output_bias,
                dtype=self.dtype, name="head")(x)
     aux = ()

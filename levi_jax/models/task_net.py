@@ -90,7 +90,8 @@ class MLP(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, injections: Sequence[Array | None] = ()) -> Array:
+    """Applies the layers; `injections[i]` (if given) is added after layer i."""
     for i, w in enumerate(self.widths):
       x = nn.Dense(w, dtype=self.dtype, param_dtype=jnp.float32, name=f"dense_{i}",
                    kernel_init=nn.with_logical_partitioning(
@@ -101,6 +102,8 @@ class MLP(nn.Module):
                        ("mlp",)))(x)
       if i < len(self.widths) - 1 or self.final_activation:
         x = getattr(nn, self.activation)(x)
+      if i < len(injections) and injections[i] is not None:
+        x = x + injections[i].astype(x.dtype)
     return x
 
 
@@ -119,7 +122,10 @@ class FeatureTower(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, batch: Mapping[str, Array]) -> Array:
+  def __call__(self, batch: Mapping[str, Array],
+               injections: Sequence[Array | None] = ()) -> Array:
+    """The representation; `injections[i]` is added to hidden layer i's output
+    (layer-wise fusion: `LeviModel(fusion="layerwise")`)."""
     if not self.features:
       raise ValueError("FeatureTower needs at least one CategoricalFeature")
     parts = []
@@ -136,7 +142,8 @@ class FeatureTower(nn.Module):
         e = (e * keep).sum(-2) / jnp.maximum(keep.sum(-2), 1.0)
       parts.append(e)
     x = jnp.concatenate(parts, axis=-1)
-    return MLP(self.hidden, final_activation=True, dtype=self.dtype, name="mlp")(x)
+    return MLP(self.hidden, final_activation=True, dtype=self.dtype, name="mlp")(
+        x, injections)
 
 
 class TokenTower(nn.Module):
