@@ -15,6 +15,14 @@ resolved tap set and the pooling. A change in any of them gives a new key,
 so a stale entry is never read (it can be deleted at will). Taps are computed
 batch-sharded over the mesh's `data` axis, each process feeding its rows (as
 the evaluation does); the cache folder must be visible to every process.
+
+Beneath the split entries, a row store (`cache_dir/rows/<digest>/`, keyed by
+the same backbone, architecture, taps, pooling and token shape, not by task)
+holds the taps of every token row computed so far under the sha1 of the row:
+a split entry that is missing is assembled from it, and only rows it lacks run
+through the backbone. The shifts of one dataset deal the same ratings into
+different splits, so the backbone runs over each rating's text once for all
+of them (`row_store_lookup`).
 """
 
 from __future__ import annotations
@@ -135,6 +143,62 @@ def compute_taps(source: TapSource, backbone: Any, inputs: np.ndarray, mesh: jax
   return np.concatenate(out)[:n] if out else np.zeros((0, 0, 0), np.float32)
 
 
+def row_hashes(inputs: np.ndarray) -> np.ndarray:
+  """The sha1 of every token row, as `S20` bytes `[rows]`."""
+  inputs = np.ascontiguousarray(inputs)
+  return np.array([hashlib.sha1(r.tobytes()).digest() for r in inputs], dtype="S20")
+
+
+def row_store_dir(cache_dir: str, key: Mapping[str, Any], inputs: np.ndarray) -> str:
+  """The row store of a split key: what the taps depend on except task and split."""
+  store_key = {k: v for k, v in key.items()
+               if k not in ("task", "split", "rows", "inputs_sha256", "shards")}
+  store_key["row"] = [str(inputs.dtype), list(inputs.shape[1:])]
+  digest = hashlib.sha256(json.dumps(store_key, sort_keys=True).encode()).hexdigest()[:20]
+  return os.path.join(cache_dir, "rows", digest)
+
+
+def row_store_lookup(store: str, inputs: np.ndarray, compute_rows
+                     ) -> tuple[np.ndarray, int]:
+  """Taps of `inputs` from the row store, computing (and adding) only missing rows.
+
+  `compute_rows(inputs_subset)` runs the backbone (every process calls it, with
+  its own, possibly empty, subset). Returns (taps, rows computed here).
+  """
+  hashes = row_hashes(inputs)
+  found: dict[bytes, tuple[int, int]] = {}
+  parts = []
+  if os.path.isdir(store):
+    for name in sorted(os.listdir(store)):
+      if not name.endswith(".npz") or ".tmp" in name:
+        continue
+      with np.load(os.path.join(store, name)) as f:
+        part_hashes, part_taps = f["hashes"], f["taps"]
+      for j, h in enumerate(part_hashes.tolist()):
+        found.setdefault(h, (len(parts), j))
+      parts.append(part_taps)
+  missing = [i for i, h in enumerate(hashes.tolist()) if h not in found]
+  # Duplicated rows within the split are computed once.
+  first: dict[bytes, int] = {}
+  for i in missing:
+    first.setdefault(hashes[i], i)
+  todo = sorted(first.values())
+  new = compute_rows(inputs[todo]) if todo or jax.process_count() > 1 else None
+  if todo:
+    os.makedirs(store, exist_ok=True)
+    stem = f"part-{time.time_ns()}-{jax.process_index()}-{os.getpid()}"
+    tmp = os.path.join(store, f"{stem}.tmp.npz")
+    np.savez(tmp, hashes=hashes[todo], taps=new)
+    os.replace(tmp, os.path.join(store, f"{stem}.npz"))
+    for j, i in enumerate(todo):
+      found[hashes[i]] = (len(parts), j)
+    parts.append(new)
+  if not len(inputs):
+    return np.zeros((0, 0, 0), np.float32), 0
+  taps = np.stack([parts[p][j] for p, j in (found[h] for h in hashes.tolist())])
+  return taps.astype(np.float32), len(todo)
+
+
 def _everyone_has(path: str) -> bool:
   have = np.asarray([os.path.isfile(path)])
   if jax.process_count() > 1:
@@ -191,18 +255,26 @@ def attach(cache_dir: str, task: str, method: methods.Method, params: Mapping[st
     return dict(splits), {"used": False, "reason": reason}
   backbone = backbone_params(source, params)
   backbone_hash = checkpointing.tree_hash(backbone)
-  out, hits, t0 = {}, 0, time.time()
+  out, hits, computed, t0 = {}, 0, 0, time.time()
   for name, arrays in splits.items():
     key = cache_key(task, name, arrays["inputs"], backbone_hash, source)
     sharded = shards is not None and shards.num_shards > 1
     if sharded:
       key["shards"] = [shards.index, shards.count, shards.num_shards]
-    taps, hit = load_or_compute(cache_dir, key, lambda a=arrays: compute_taps(
-        source, backbone, a["inputs"], mesh, rules, batch_size), writer=sharded)
+
+    def assemble(a=arrays, key=key):
+      nonlocal computed
+      taps, n = row_store_lookup(
+          row_store_dir(cache_dir, key, a["inputs"]), a["inputs"],
+          lambda rows: compute_taps(source, backbone, rows, mesh, rules, batch_size))
+      computed += n
+      return taps
+
+    taps, hit = load_or_compute(cache_dir, key, assemble, writer=sharded)
     hits += hit
     out[name] = {**arrays, CACHED_TAPS: taps}
   stats = {"used": True, "hits": hits, "misses": len(splits) - hits,
-           "seconds": time.time() - t0}
-  log.info("tap cache %s: %d hits, %d computed in %.1fs", cache_dir, hits,
-           stats["misses"], stats["seconds"])
+           "rows_computed": computed, "seconds": time.time() - t0}
+  log.info("tap cache %s: %d hits, %d assembled (%d rows computed) in %.1fs", cache_dir, hits,
+           stats["misses"], computed, stats["seconds"])
   return out, stats

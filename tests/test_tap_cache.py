@@ -74,7 +74,7 @@ def test_entries_are_invalidated_by_what_the_taps_depend_on(tmp_path):
       {**data.train, "inputs": np.pad(data.train["inputs"], ((0, 0), (0, 2)))},
       data.evals, data.features, data.vocab_size)
   assert _attach(tmp_path, longer)[3]["hits"] == 2  # only train's inputs changed
-  assert len(list(tmp_path.rglob("*.npz"))) == 3 * 4 + 1
+  assert len([p for p in tmp_path.rglob("*.npz") if "rows" not in p.parts]) == 3 * 4 + 1
   # An entry whose stored key differs (a name collision) is recomputed, not read.
   first = _attach(tmp_path / "x", data)[2]
   entry = next((tmp_path / "x").rglob("train-*.npz"))
@@ -120,3 +120,43 @@ def test_attach_adds_taps_the_model_would_compute(tmp_path):
     key = json.loads(str(f["key"]))
   assert key["split"] == "train" and key["taps"] == ["0", "1"] and key["pooling"] == "mean"
   assert key["backbone_sha256"] == checkpointing.tree_hash(params["backbone"])
+
+
+def test_row_store_runs_the_backbone_once_per_row_across_tasks(tmp_path):
+  """Another task (another shift) dealing the same rows into other splits reads their
+  taps from the row store; only rows never seen run through the backbone."""
+  data = task_data(64)
+  _, _, first, stats = _attach(tmp_path, data)
+  rows = sum(len(np.unique(a["inputs"], axis=0)) for a in [data.train, *data.evals.values()])
+  assert stats["rows_computed"] <= rows and stats["rows_computed"] > 0
+  # The same rows, re-dealt: train and id_test swapped, under another task name.
+  swapped = trainer.TaskData(data.evals["id_test"], {"id_test": data.train,
+                                                     "ood_test": data.evals["ood_test"]},
+                             data.features, data.vocab_size)
+  method, params, splits, stats2 = _attach_task(tmp_path, swapped, "toy2")
+  assert stats2["misses"] == 3 and stats2["rows_computed"] == 0
+  np.testing.assert_allclose(splits["id_test"][CACHED_TAPS], first["train"][CACHED_TAPS],
+                             rtol=1e-6, atol=1e-7)
+  # A split with new rows: only those are computed, and all taps match the model's.
+  fresh = task_data(80).train  # some rows seen before (same token patterns), some not
+  grown = trainer.TaskData(fresh, {}, data.features, data.vocab_size)
+  _, _, splits3, stats3 = _attach_task(tmp_path, grown, "toy3")
+  new_rows = {r.tobytes() for r in fresh["inputs"]} - {
+      r.tobytes() for a in [data.train, *data.evals.values()] for r in a["inputs"]}
+  assert stats3["rows_computed"] == len(new_rows)
+  direct = method.module.apply({"params": params}, fresh, method=method.module.pooled_taps)
+  np.testing.assert_allclose(splits3["train"][CACHED_TAPS], direct, rtol=1e-5, atol=1e-6)
+
+
+def _attach_task(cache, data, task):
+  method = trainer.build_method(trainer.ModelConfig(method="levi", **SMALL), data)
+  boxed = method.init(jax.random.PRNGKey(0), data.train)
+  params = jax.tree.map(lambda x: np.asarray(getattr(x, "value", x)), boxed,
+                        is_leaf=lambda x: hasattr(x, "value"))
+  mesh = jax.make_mesh((1, 1), ("data", "model"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  with jax.set_mesh(mesh):
+    splits, stats = tap_cache.attach(str(cache), task, method, params,
+                                     {"train": data.train, **data.evals}, mesh, (),
+                                     batch_size=24)
+  return method, params, splits, stats
