@@ -201,7 +201,10 @@ def test_trainer_two_processes_read_their_shards(workers, tmp_path):
       assert run["metrics"][split]["rmse"] == pytest.approx(m["rmse"], rel=1e-5), split
   assert runs[0]["metrics"] == runs[1]["metrics"]
   # Each process wrote the tap-cache entries of its own rows.
-  assert len(list((workers["trainer"] / "tap_cache").rglob("*.npz"))) == 2 * len(sizes)
+  entries = list((workers["trainer"] / "tap_cache").rglob("*.npz"))
+  assert len([p for p in entries if "rows" not in p.parts]) == 2 * len(sizes)
+  # ... and added its rows' taps to the row store (a part per process and split).
+  assert len([p for p in entries if "rows" in p.parts]) == 2 * len(sizes)
 
 
 @pytest.mark.parametrize("grid,expected", [
