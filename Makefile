@@ -30,7 +30,7 @@ constraints:
 	.venv-constraints/bin/python -m pip install --quiet '.[test]'
 	{ echo "# The exact versions \`make test\` installs (pip constraints; setup.py keeps lower bounds)."; \
 	  echo "# Refresh after changing setup.py: make constraints"; \
-	  .venv-constraints/bin/python -m pip freeze --exclude-editable | grep -v '^levi_jax'; } > constraints.txt
+	  .venv-constraints/bin/python -m pip freeze --exclude-editable | grep -iv '^levi[-_]jax'; } > constraints.txt
 	rm -rf .venv-constraints
 
 clean:

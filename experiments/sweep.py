@@ -21,7 +21,7 @@ world's corpus, its steps and learning rate) plus the run's bindings
   ranks.
 * `runs/<task>/<method>/seed<k>-<key>/` (or under --runs_dir): each run's
   MODEL_DIR (results.json, metrics.jsonl, config.gin), and `tap_cache/`;
-  `<key>` hashes the run's gin files and bindings (`run_key`), so finished
+  `<key>` hashes the run's resolved gin config (`run_key`), so finished
   runs of the same configuration are reused (a sweep resumes) and a changed
   `--gin`/`--steps` trains anew.
 
@@ -109,7 +109,7 @@ def records_of(results: Mapping[str, Any], task: str, seed: int,
   out = []
   for col in columns:
     if COLUMNS[col] != results["method"]:
-      continue  # (`columns`: the columns this run feeds)
+      continue
     m, extra = results["metrics"], {}
     if early_stopping and "best_validation" in results and col != "WiSE-FT":
       m = results["best_validation"]["metrics"]
@@ -253,21 +253,14 @@ def reference_baselines(task: str, data_dir: str = "") -> dict[str, dict[str, An
   return out
 
 
-def constant_baseline(task: str, data_dir: str = "") -> dict[str, float]:
-  """RMSE of predicting the training split's mean rating, per evaluation split."""
-  return {k: v for k, v in reference_baselines(task, data_dir)[MEAN_COLUMN].items()
-          if k not in ("chosen", "train_mean")}
-
-
-def is_collapsed(record: Mapping[str, Any], mean_rmse: Mapping[str, float],
-                 tol: float = 1e-4) -> bool:
-  """A run that learned a constant: its predictions' std on the ID test split is
-  below 1e-3 stars, or its ID and OOD RMSE equal the training-mean predictor's."""
-  std = record.get("id_pred_std")
-  if std is not None and np.isfinite(float(std)) and float(std) < 1e-3:
-    return True
-  return (abs(float(record["id_rmse"]) - mean_rmse["id_test"]) < tol
-          and abs(float(record["ood_rmse"]) - mean_rmse["ood_test"]) < tol)
+def is_collapsed(record: Mapping[str, Any], mean_rmse: Mapping[str, float]) -> bool:
+  """A run that learned a constant (`references.is_collapsed` on a table record):
+  its predictions' std on the ID test split is below 1e-3 stars, or its ID and OOD
+  RMSE equal the training-mean predictor's."""
+  from levi_jax import references
+  return references.is_collapsed(
+      record.get("id_pred_std"), {"id_test": record["id_rmse"], "ood_test": record["ood_rmse"]},
+      mean_rmse)
 
 
 def beats_reference(table: Mapping[str, Mapping[str, Mapping[str, Any]]],
@@ -526,19 +519,17 @@ def validate_grid(tasks: Sequence[str], data_dir: str, implicit: bool) -> list[s
 
 
 def run_key(gin_files: Sequence[str], bindings: Sequence[str], oov: float) -> str:
-  """A short hash of what a run is: its gin files' text and its bindings (not its MODEL_DIR).
+  """A short hash of what a run is: its resolved gin config (gin files, the files they
+  include, bindings; not its MODEL_DIR) and its OOV-dropout rate.
 
   Finished runs are reused only under the same key, so a sweep with other
-  `--gin`/`--steps` settings in the same --runs_dir trains anew.
+  `--gin`/`--steps` settings, or after an edit of an included gin file, in the
+  same --runs_dir trains anew.
   """
-  from levi_jax import gin_utils
-  blob = []
-  for f in gin_files:
-    path = gin_utils.resolve_gin_file(f, gin_utils.GIN_SEARCH_PATHS)
-    with open(path) as fh:
-      blob.append(fh.read())
-  blob += [b for b in bindings if not b.startswith("MODEL_DIR")] + [f"oov={oov:g}"]
-  return hashlib.sha256("\n".join(blob).encode()).hexdigest()[:10]
+  runs.parse_base(gin_files, [b for b in bindings if not b.startswith("MODEL_DIR")])
+  config = gin.config_str()
+  gin.clear_config()
+  return hashlib.sha256(f"{config}\noov={oov:g}".encode()).hexdigest()[:10]
 
 
 def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:

@@ -26,7 +26,6 @@ another hash is a `VocabularyMismatchError` naming both.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ from flax import traverse_util
 
 from levi_jax import checkpointing
 from levi_jax.checkpoints import common, hf, t5x
+from levi_jax.data.paths import file_sha256
 
 log = logging.getLogger("levi_jax")
 VOCAB_MANIFEST = "vocabulary.json"
@@ -139,15 +139,6 @@ class BackboneVocabulary:
   path: str
   sha256: str | None
   source: str
-
-
-def file_sha256(path: str) -> str:
-  """sha256 of a file's bytes."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def attach_vocabulary(checkpoint_dir: str, vocabulary_file: str) -> dict:

@@ -424,16 +424,16 @@ def select_by_validation(records: Sequence[Mapping[str, Any]], group_keys: Seque
   return out
 
 
-def is_collapsed(predictions: np.ndarray, train_mean: float, targets: np.ndarray,
-                 std_tol: float = 1e-3, rmse_tol: float = 1e-4) -> bool:
-  """True when predictions are (near-)constant or no different from the mean.
+def is_collapsed(pred_std: float | None, rmses: Mapping[str, float],
+                 mean_rmses: Mapping[str, float], std_tol: float = 1e-3,
+                 rmse_tol: float = 1e-4) -> bool:
+  """True for a run that learned a constant, from its evaluation summary.
 
-  Collapsed: their std is below `std_tol` (stars), or their RMSE on `targets`
-  equals, within `rmse_tol`, that of predicting `train_mean` everywhere.
+  Collapsed: the std of its predictions (`pred_std`, None or NaN: unknown) is
+  below `std_tol` stars, or its RMSE on every split of `rmses` equals, within
+  `rmse_tol`, the training-mean predictor's on that split (`mean_rmses`).
   """
-  p = np.asarray(predictions, np.float64).reshape(-1)
-  if not p.size:
+  if pred_std is not None and math.isfinite(float(pred_std)) and float(pred_std) < std_tol:
     return True
-  if float(p.std()) < std_tol:
-    return True
-  return abs(rmse(p, targets) - rmse(np.full_like(p, float(train_mean)), targets)) <= rmse_tol
+  return bool(rmses) and all(abs(float(v) - mean_rmses[k]) <= rmse_tol
+                             for k, v in rmses.items())

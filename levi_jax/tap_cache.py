@@ -22,7 +22,7 @@ holds the taps of every token row computed so far under the sha1 of the row:
 a split entry that is missing is assembled from it, and only rows it lacks run
 through the backbone. The shifts of one dataset deal the same ratings into
 different splits, so the backbone runs over each rating's text once for all
-of them (`row_store_lookup`).
+of them (`RowStore`).
 """
 
 from __future__ import annotations
@@ -158,45 +158,56 @@ def row_store_dir(cache_dir: str, key: Mapping[str, Any], inputs: np.ndarray) ->
   return os.path.join(cache_dir, "rows", digest)
 
 
-def row_store_lookup(store: str, inputs: np.ndarray, compute_rows
-                     ) -> tuple[np.ndarray, int]:
-  """Taps of `inputs` from the row store, computing (and adding) only missing rows.
+class RowStore:
+  """The taps of token rows computed so far under one row-store key (read once).
 
-  `compute_rows(inputs_subset)` runs the backbone (every process calls it, with
-  its own, possibly empty, subset). Returns (taps, rows computed here).
+  Parts are `.npz` files of (`hashes`, `taps`); a lookup computes the rows no
+  part holds, adds them as a new part and returns every row's taps.
   """
-  hashes = row_hashes(inputs)
-  found: dict[bytes, tuple[int, int]] = {}
-  parts = []
-  if os.path.isdir(store):
-    for name in sorted(os.listdir(store)):
-      if not name.endswith(".npz") or ".tmp" in name:
-        continue
-      with np.load(os.path.join(store, name)) as f:
-        part_hashes, part_taps = f["hashes"], f["taps"]
-      for j, h in enumerate(part_hashes.tolist()):
-        found.setdefault(h, (len(parts), j))
-      parts.append(part_taps)
-  missing = [i for i, h in enumerate(hashes.tolist()) if h not in found]
-  # Duplicated rows within the split are computed once.
-  first: dict[bytes, int] = {}
-  for i in missing:
-    first.setdefault(hashes[i], i)
-  todo = sorted(first.values())
-  new = compute_rows(inputs[todo]) if todo or jax.process_count() > 1 else None
-  if todo:
-    os.makedirs(store, exist_ok=True)
-    stem = f"part-{time.time_ns()}-{jax.process_index()}-{os.getpid()}"
-    tmp = os.path.join(store, f"{stem}.tmp.npz")
-    np.savez(tmp, hashes=hashes[todo], taps=new)
-    os.replace(tmp, os.path.join(store, f"{stem}.npz"))
-    for j, i in enumerate(todo):
-      found[hashes[i]] = (len(parts), j)
-    parts.append(new)
-  if not len(inputs):
-    return np.zeros((0, 0, 0), np.float32), 0
-  taps = np.stack([parts[p][j] for p, j in (found[h] for h in hashes.tolist())])
-  return taps.astype(np.float32), len(todo)
+
+  def __init__(self, path: str):
+    self.path = path
+    self.index: dict[bytes, tuple[int, int]] = {}  # row hash -> (part, row in part)
+    self.parts: list[np.ndarray] = []
+    if os.path.isdir(path):
+      for name in sorted(os.listdir(path)):
+        if name.endswith(".npz") and ".tmp" not in name:
+          with np.load(os.path.join(path, name)) as f:
+            self._add(f["hashes"], f["taps"])
+
+  def _add(self, hashes: np.ndarray, taps: np.ndarray):
+    for j, h in enumerate(hashes.tolist()):
+      self.index.setdefault(h, (len(self.parts), j))
+    self.parts.append(taps)
+
+  def lookup(self, inputs: np.ndarray, compute_rows) -> tuple[np.ndarray, int]:
+    """Taps of `inputs`, computing (and adding) only rows not held yet.
+
+    `compute_rows(inputs_subset)` runs the backbone; every process calls it
+    (with its own, possibly empty, subset). Returns (taps, rows computed).
+    """
+    hashes = row_hashes(inputs)
+    todo: dict[bytes, int] = {}  # a row repeated within `inputs` is computed once
+    for i, h in enumerate(hashes.tolist()):
+      if h not in self.index:
+        todo.setdefault(h, i)
+    rows = sorted(todo.values())
+    new = compute_rows(inputs[rows]) if rows or jax.process_count() > 1 else None
+    if rows:
+      os.makedirs(self.path, exist_ok=True)
+      stem = f"part-{time.time_ns()}-{jax.process_index()}-{os.getpid()}"
+      tmp = os.path.join(self.path, f"{stem}.tmp.npz")
+      np.savez(tmp, hashes=hashes[rows], taps=new)
+      os.replace(tmp, os.path.join(self.path, f"{stem}.npz"))
+      self._add(hashes[rows], new)
+    if not len(inputs):
+      return np.zeros((0, 0, 0), np.float32), 0
+    where = np.array([self.index[h] for h in hashes.tolist()])
+    out = np.empty((len(inputs),) + self.parts[where[0, 0]].shape[1:], np.float32)
+    for part in np.unique(where[:, 0]):
+      sel = where[:, 0] == part
+      out[sel] = self.parts[part][where[sel, 1]]
+    return out, len(rows)
 
 
 def _everyone_has(path: str) -> bool:
@@ -256,6 +267,7 @@ def attach(cache_dir: str, task: str, method: methods.Method, params: Mapping[st
   backbone = backbone_params(source, params)
   backbone_hash = checkpointing.tree_hash(backbone)
   out, hits, computed, t0 = {}, 0, 0, time.time()
+  stores: dict[str, RowStore] = {}  # opened on the first miss, then shared by the splits
   for name, arrays in splits.items():
     key = cache_key(task, name, arrays["inputs"], backbone_hash, source)
     sharded = shards is not None and shards.num_shards > 1
@@ -264,9 +276,12 @@ def attach(cache_dir: str, task: str, method: methods.Method, params: Mapping[st
 
     def assemble(a=arrays, key=key):
       nonlocal computed
-      taps, n = row_store_lookup(
-          row_store_dir(cache_dir, key, a["inputs"]), a["inputs"],
-          lambda rows: compute_taps(source, backbone, rows, mesh, rules, batch_size))
+      path = row_store_dir(cache_dir, key, a["inputs"])
+      if path not in stores:
+        stores[path] = RowStore(path)
+      taps, n = stores[path].lookup(
+          a["inputs"], lambda rows: compute_taps(source, backbone, rows, mesh, rules,
+                                                 batch_size))
       computed += n
       return taps
 

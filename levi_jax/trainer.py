@@ -236,12 +236,15 @@ def backbone_vocabulary(data: DataConfig, pretrained: Any = None,
       the one the backbone was trained with.
   """
   from levi_jax import pretrained as pretrained_lib
-  explicit = data.vocabulary_path or os.environ.get("LEVI_VOCAB_PATH") or None
+  from levi_jax.data import spm
+  explicit = data.vocabulary_path or os.environ.get(spm.VOCAB_ENV) or None
   if pretrained is not None:
-    carried = pretrained.vocabulary_file and pretrained_lib.BackboneVocabulary(
-        pretrained.vocabulary_file, pretrained_lib.file_sha256(pretrained.vocabulary_file),
-        pretrained.source)
-    return pretrained_lib.resolve_vocabulary(carried or None, explicit, pretrained.source)
+    carried = None
+    if pretrained.vocabulary_file:
+      carried = pretrained_lib.BackboneVocabulary(
+          pretrained.vocabulary_file, pretrained_lib.file_sha256(pretrained.vocabulary_file),
+          pretrained.source)
+    return pretrained_lib.resolve_vocabulary(carried, explicit, pretrained.source)
   if initial_checkpoint_path:
     return pretrained_lib.resolve_vocabulary(
         pretrained_lib.checkpoint_vocabulary(initial_checkpoint_path), explicit,

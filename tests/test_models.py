@@ -217,6 +217,15 @@ def test_frozen_params_unchanged_and_stateless(name):
   assert not any(p.startswith("backbone/") for p in trainable_paths)
 
 
+def _backbone_kernel_shapes() -> set[tuple]:
+  """The tiny backbone's kernel shapes. Weight-gradient matmuls produce the kernel's
+  own shape; the forward never does (its outputs carry batch/length axes)."""
+  cfg = tiny_cfg()
+  kv = cfg.num_heads * cfg.head_dim
+  return {(cfg.emb_dim, kv), (kv, cfg.emb_dim), (cfg.emb_dim, cfg.mlp_dim),
+          (cfg.mlp_dim, cfg.emb_dim)}
+
+
 def _dot_shapes(jaxpr) -> list[tuple]:
   shapes = []
   for eqn in jaxpr.eqns:
@@ -236,13 +245,7 @@ def test_backbone_backprop_is_structurally_absent(name, expect_backbone_grads):
   state, opt = init_state(m, batch)
   train_step = step.make_train_step(m, opt, step.LossConfig())
   jaxpr = jax.make_jaxpr(train_step)(state, batch, jax.random.PRNGKey(1)).jaxpr
-  cfg = tiny_cfg()
-  kv = cfg.num_heads * cfg.head_dim
-  # Weight-gradient matmuls produce the kernel's own shape; the forward never
-  # does (its outputs carry batch/length axes).
-  kernel_shapes = {(cfg.emb_dim, kv), (kv, cfg.emb_dim), (cfg.emb_dim, cfg.mlp_dim),
-                   (cfg.mlp_dim, cfg.emb_dim)}
-  found = kernel_shapes & set(_dot_shapes(jaxpr))
+  found = _backbone_kernel_shapes() & set(_dot_shapes(jaxpr))
   assert bool(found) == expect_backbone_grads, found
 
 
@@ -433,11 +436,7 @@ def test_layerwise_fusion_joins_taps_inside_the_small_model():
   jax.tree.map(np.testing.assert_array_equal, frozen0, jax.tree.map(np.array, state.frozen))
   jaxpr = jax.make_jaxpr(step.make_train_step(m, opt, step.LossConfig()))(
       state, batch, jax.random.PRNGKey(1)).jaxpr
-  cfg = tiny_cfg()
-  kv = cfg.num_heads * cfg.head_dim
-  kernel_shapes = {(cfg.emb_dim, kv), (kv, cfg.emb_dim), (cfg.emb_dim, cfg.mlp_dim),
-                   (cfg.mlp_dim, cfg.emb_dim)}
-  assert not kernel_shapes & set(_dot_shapes(jaxpr))
+  assert not _backbone_kernel_shapes() & set(_dot_shapes(jaxpr))
 
 
 def test_layerwise_fusion_needs_a_small_model_with_layers():

@@ -224,15 +224,12 @@ def test_select_by_validation_groups_and_settings():
 
 
 def test_is_collapsed():
-  rs = np.random.RandomState(0)
-  targets = 3.0 + rs.randn(500)
-  mean = 3.0
-  assert references.is_collapsed(np.full(500, 3.7), mean, targets)          # constant
-  assert references.is_collapsed(mean + 1e-5 * rs.randn(500), mean, targets)
-  assert not references.is_collapsed(targets + 0.1 * rs.randn(500), mean, targets)
-  assert not references.is_collapsed(mean + 0.3 * rs.randn(500), mean, targets)
-  # Not constant, but exactly as good as the mean: targets (1, 3), mean 2 -> RMSE 1;
-  # predictions (1, 3 - sqrt 2) -> RMSE sqrt((0 + 2) / 2) = 1.
-  t = np.array([1.0, 3.0])
-  assert references.is_collapsed(np.array([1.0, 3.0 - math.sqrt(2)]), 2.0, t)
-  assert not references.is_collapsed(np.array([1.0, 2.9]), 2.0, t)
+  mean = {"id_test": 1.0, "ood_test": 1.2}
+  assert references.is_collapsed(0.0, {"id_test": 0.9, "ood_test": 1.0}, mean)  # constant
+  assert references.is_collapsed(5e-4, {"id_test": 0.9}, mean)
+  assert not references.is_collapsed(0.4, {"id_test": 0.9, "ood_test": 1.0}, mean)
+  # Not constant, but exactly as good as the mean on every split.
+  assert references.is_collapsed(0.4, {"id_test": 1.00005, "ood_test": 1.19996}, mean)
+  assert not references.is_collapsed(0.4, {"id_test": 1.00005, "ood_test": 1.1}, mean)
+  assert not references.is_collapsed(float("nan"), {"id_test": 0.9}, mean)  # std unknown
+  assert not references.is_collapsed(None, {}, mean)

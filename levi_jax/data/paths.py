@@ -57,6 +57,15 @@ def tfds_data_dir(data_dir: str) -> str | None:
   return rest or None
 
 
+def file_sha256(path: str) -> str:
+  """sha256 of a file's bytes (read in chunks)."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
 @functools.lru_cache(maxsize=None)
 def code_digest(modules: tuple[str, ...], packages: tuple[str, ...] = ()) -> str:
   """A digest of the source files of `modules` and the versions of `packages`.

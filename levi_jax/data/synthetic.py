@@ -422,11 +422,6 @@ def _write_amazon(config: WorldConfig, root: str) -> None:
              "".join(lines).encode("utf-8"), gz=True)
 
 
-def _sha256(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
-
-
 def write_world(out_dir: str, config: WorldConfig | None = None, **overrides: Any) -> WorldConfig:
   """Writes a synthetic world into `out_dir` (see the module docstring).
 
@@ -474,7 +469,7 @@ def write_world(out_dir: str, config: WorldConfig | None = None, **overrides: An
                  for d, _, fs in os.walk(out_dir) for f in fs if f != "world.json")
   manifest = {"generator_version": GENERATOR_VERSION, "code": generator_digest(),
               "config": dataclasses.asdict(config),
-              "files": {f: _sha256(os.path.join(out_dir, f)) for f in files}}
+              "files": {f: paths.file_sha256(os.path.join(out_dir, f)) for f in files}}
   with open(os.path.join(out_dir, "world.json"), "w") as f:
     json.dump(manifest, f, indent=1, sort_keys=True)
   return config

@@ -42,6 +42,7 @@ linear head; Scratch is the task net alone.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -165,8 +166,8 @@ class LeviModel(nn.Module):
       raise ValueError("fusion='layerwise' needs a backbone with taps and a task_net with "
                        "hidden layers (FeatureTower)")
     taps = resolve_taps(self.taps, self.backbone.config.num_layers)
-    order = sorted(range(len(taps)), key=lambda i: (taps[i] == "final", taps[i]
-                                                     if taps[i] != "final" else 0))
+    depth = lambda i: math.inf if taps[i] == "final" else taps[i]
+    order = sorted(range(len(taps)), key=depth)  # shallowest first
     layers = tap_layers(len(taps), len(hidden))
     injections: list[Array | None] = [None] * len(hidden)
     adapted = []
