@@ -24,7 +24,10 @@ class OptimizerConfig:
       `total_steps`) or "rsqrt" (T5's 1/sqrt(step)).
     weight_decay: decoupled weight decay (adamw, adafactor).
     clip_norm: global-norm gradient clipping; None disables.
-    grad_accum_steps: average gradients over this many steps before an update.
+    grad_accum_steps: average gradients over this many train steps before an
+      update. `warmup_steps` and the schedule's `total_steps` count train steps
+      either way: update u (after u * grad_accum_steps train steps) uses the
+      learning rate of train step u * grad_accum_steps.
   """
 
   name: str = "adamw"
@@ -72,6 +75,12 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
   so they get neither updates nor optimizer state.
   """
   lr = make_schedule(cfg, total_steps)
+  k = cfg.grad_accum_steps
+  if k > 1:
+    # optax.MultiSteps advances the inner optimizer's count once per k train
+    # steps; the schedule is in train steps, so read it at count * k.
+    train_lr = lr
+    lr = lambda count: train_lr(count * k)
   if cfg.name == "adamw":
     opt = optax.adamw(lr, weight_decay=cfg.weight_decay)
   elif cfg.name == "adafactor":
@@ -80,6 +89,6 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
     opt = optax.sgd(lr)
   if cfg.clip_norm is not None:
     opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
-  if cfg.grad_accum_steps > 1:
-    opt = optax.MultiSteps(opt, every_k_schedule=cfg.grad_accum_steps)
+  if k > 1:
+    opt = optax.MultiSteps(opt, every_k_schedule=k)
   return opt

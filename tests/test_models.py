@@ -385,6 +385,31 @@ def test_gradient_accumulation_updates_every_k_steps():
   assert all(jax.tree.leaves(changed))
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_gradient_accumulation_keeps_the_schedule_in_train_steps(schedule):
+  # SGD on a constant gradient of 1: each update is -lr, so the updates read
+  # the learning rate the optimizer applied. With k = 4 the 10 updates of a
+  # 40-step run must follow the 40-step schedule at train steps 0, 4, ..., 36
+  # (warmup over 8 train steps = 2 updates, then the whole decay), not its
+  # first 10 steps.
+  from levi_jax.optim import make_schedule
+  k, total = 4, 40
+  cfg = OptimizerConfig(name="sgd", learning_rate=1.0, warmup_steps=8, schedule=schedule,
+                        clip_norm=None, grad_accum_steps=k)
+  opt = make_optimizer(cfg, total)
+  params = {"w": jnp.zeros(())}
+  state = opt.init(params)
+  applied = []
+  for _ in range(total):
+    updates, state = opt.update({"w": jnp.ones(())}, state, params)
+    if float(updates["w"]) != 0.0:
+      applied.append(-float(updates["w"]))
+  expected = [float(make_schedule(cfg, total)(u * k)) for u in range(total // k)]
+  assert len(applied) == total // k - 1 and expected[0] == 0.0  # lr 0 at step 0
+  np.testing.assert_allclose(applied, expected[1:], rtol=1e-6)
+  assert applied[-1] < 0.15 and max(applied) == pytest.approx(1.0)
+
+
 def test_schedules_warm_up_and_decay():
   from levi_jax.optim import make_schedule
   for sched in ("cosine", "linear", "rsqrt", "constant"):
