@@ -47,7 +47,11 @@ class CheckpointConfig:
 
 
 def tree_hash(tree: Any) -> str:
-  """sha256 over every leaf's path, dtype, shape and bytes (order-independent of dict order)."""
+  """sha256 over every leaf's path, dtype, shape and bytes (order-independent of dict order).
+
+  Gathers every leaf to this host: for trees held in host memory (a committed
+  backbone's manifest). Sharded trees on a mesh use `tree_fingerprint`.
+  """
   h = hashlib.sha256()
   flat = traverse_util.flatten_dict(jax.device_get(dict(tree)), sep="/") if tree else {}
   for path in sorted(flat):
@@ -57,13 +61,98 @@ def tree_hash(tree: Any) -> str:
   return h.hexdigest()
 
 
+# ------------------------------------------------------------------------------
+# A content fingerprint of a tree on any mesh.
+# ------------------------------------------------------------------------------
+FINGERPRINT_PREFIX = "fp1:"
+_SEEDS = (0x9E3779B9, 0x7F4A7C15)  # two 32-bit lanes: a 64-bit checksum per leaf
+
+
+def _mix(v, xp):
+  """murmur3's 32-bit finalizer: a bijection of uint32 (odd multiplies, xor-shifts)."""
+  v = v * xp.uint32(0x85EBCA6B)
+  v = v ^ (v >> xp.uint32(13))
+  v = v * xp.uint32(0xC2B2AE35)
+  return v ^ (v >> xp.uint32(16))
+
+
+def _leaf_lanes(x, xp, bitcast, iota):
+  """The leaf's 64-bit checksum: sum over elements of mix(bits ^ mix(index + seed))."""
+  size = x.dtype.itemsize
+  if x.dtype == bool:
+    x = x.astype(xp.uint8)
+  words = bitcast(x, {8: xp.uint32, 4: xp.uint32, 2: xp.uint16, 1: xp.uint8}[size])
+  words = words.astype(xp.uint32)  # 8-byte dtypes: a trailing axis of 2 words
+  index = xp.zeros(words.shape, xp.uint32)
+  stride = 1
+  for d in reversed(range(words.ndim)):
+    index = index + iota(words.shape, d) * xp.uint32(stride % 2**32)
+    stride *= words.shape[d]
+  return xp.stack([xp.sum(_mix(words ^ _mix(index + xp.uint32(seed), xp), xp), dtype=xp.uint32)
+                   for seed in _SEEDS])
+
+
+def _np_iota(shape, d):
+  return np.broadcast_to(np.arange(shape[d], dtype=np.uint32).reshape(
+      [-1 if i == d else 1 for i in range(len(shape))]), shape)
+
+
+def _np_lanes(x: np.ndarray) -> np.ndarray:
+  x = np.ascontiguousarray(x)
+  with np.errstate(over="ignore"):  # uint32 arithmetic wraps, as on device
+    return _leaf_lanes(x, np, lambda a, t: a.view(t).reshape(
+      a.shape + ((2,) if a.dtype.itemsize == 8 else ())), _np_iota)
+
+
+@jax.jit
+def _device_lanes(leaves):
+  import jax.numpy as jnp
+  bitcast = jax.lax.bitcast_convert_type
+  iota = lambda shape, d: jax.lax.broadcasted_iota(jnp.uint32, shape, d)
+  return [_leaf_lanes(x, jnp, bitcast, iota) for x in leaves]
+
+
+def tree_fingerprint(tree: Any) -> str:
+  """A content fingerprint of `tree` that any process of any mesh can compute.
+
+  Per leaf, a 64-bit checksum over its elements, each element's bits mixed
+  with its global index (a bijection of the bits for each index, so changing
+  any one element always changes it; any other change is missed with
+  probability ~2^-64). Sums of 32-bit words are exact and order-free, so the
+  checksum of a sharded array is computed where its shards live (one jitted
+  reduction, nothing gathered to the host) and is the same under every mesh
+  and process count; numpy leaves are summed on the host the same way. The
+  result is a sha256 over the leaves' paths, dtypes, shapes and checksums.
+  (`tree_hash` gathers every leaf, which fails for arrays not fully
+  addressable by one process: FSDP or a model axis across hosts.)
+  """
+  flat = traverse_util.flatten_dict(dict(tree), sep="/") if tree else {}
+  paths = sorted(flat)
+  on_device = [p for p in paths if isinstance(flat[p], jax.Array)]
+  lanes = {p: _np_lanes(np.asarray(flat[p])) for p in paths if p not in on_device}
+  if on_device:
+    for p, out in zip(on_device, _device_lanes([flat[p] for p in on_device])):
+      lanes[p] = np.asarray(out.addressable_shards[0].data)  # replicated: every process
+  h = hashlib.sha256()
+  for p in paths:
+    x = flat[p]
+    h.update(f"{p}:{np.dtype(x.dtype)}:{tuple(x.shape)}:".encode())
+    h.update(np.asarray(lanes[p], np.uint32).tobytes())
+  return FINGERPRINT_PREFIX + h.hexdigest()
+
+
 def check_frozen(frozen: Any, expected_hash: str, source: str):
-  """Raises if rebuilt frozen params differ from those the run trained with."""
-  got = tree_hash(frozen)
+  """Raises if rebuilt frozen params differ from those the run trained with.
+
+  `expected_hash` is a `tree_fingerprint`, or a `tree_hash` in checkpoints
+  written before fingerprints.
+  """
+  legacy = not expected_hash.startswith(FINGERPRINT_PREFIX)
+  got = tree_hash(frozen) if legacy else tree_fingerprint(frozen)
   if got != expected_hash:
     raise ValueError(
-        f"the frozen parameters rebuilt from {source} have hash {got[:16]}..., but the "
-        f"checkpoint was trained with {expected_hash[:16]}...: the source changed since "
+        f"the frozen parameters rebuilt from {source} have hash {got[:20]}..., but the "
+        f"checkpoint was trained with {expected_hash[:20]}...: the source changed since "
         "the run started; restore the original source or start a new MODEL_DIR")
 
 

@@ -33,7 +33,9 @@ import re
 import shutil
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from levi_jax import checkpointing
@@ -94,15 +96,37 @@ def backbone_prefixes(params: dict) -> list[str]:
                  if "backbone/" in k and not k.startswith("lora/")})
 
 
+def _placed_like(value: Any, target: Any) -> Any:
+  """`value` in `target`'s dtype, and in its sharding when `target` is a jax.Array.
+
+  Host (numpy) values go straight into their shardings, each device receiving
+  only its shard (`jax.make_array_from_callback`): a backbone is never built
+  whole on one device before it is sharded.
+  """
+  if not isinstance(target, jax.Array):
+    return jnp.asarray(value, target.dtype)
+  if isinstance(value, jax.Array):
+    return jax.device_put(value.astype(target.dtype), target.sharding)
+  value = np.asarray(value) if not isinstance(value, np.ndarray) else value
+  if value.shape != target.shape:
+    raise ValueError(f"backbone leaf has shape {value.shape}, the model expects {target.shape}")
+  return jax.make_array_from_callback(target.shape, target.sharding,
+                                      lambda index: np.asarray(value[index], target.dtype))
+
+
 def put_backbone(params: dict, backbone: Any) -> dict:
-  """Replaces every backbone subtree of `params` with `backbone`."""
+  """Replaces every backbone subtree of `params` with `backbone`.
+
+  Each leaf takes the dtype and sharding of the leaf it replaces (`params` as
+  built by `partitioning.sharded_init`), host leaves copied shard by shard.
+  """
   prefixes = backbone_prefixes(params)
   if not prefixes:
     raise ValueError("the model has no backbone to load weights into")
   flat = traverse_util.flatten_dict(dict(params), sep="/")
   for prefix in prefixes:
     for k, v in traverse_util.flatten_dict(dict(backbone), sep="/").items():
-      flat[f"{prefix}/{k}"] = jnp.asarray(v, flat[f"{prefix}/{k}"].dtype)
+      flat[f"{prefix}/{k}"] = _placed_like(v, flat[f"{prefix}/{k}"])
   return traverse_util.unflatten_dict(flat, sep="/")
 
 

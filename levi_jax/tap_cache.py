@@ -10,7 +10,7 @@ trajectory as running the backbone (tests/test_tap_cache.py).
 Entries are `.npz` files under `cache_dir/<task>/`, named by a key over
 everything the taps depend on: the task and split, the split's `inputs`
 (content hash, so the sequence length and any change in the data count),
-the backbone's weights (`checkpointing.tree_hash`) and architecture, the
+the backbone's weights (`checkpointing.tree_fingerprint`) and architecture, the
 resolved tap set and the pooling. A change in any of them gives a new key,
 so a stale entry is never read (it can be deleted at will). Taps are computed
 batch-sharded over the mesh's `data` axis, each process feeding its rows (as
@@ -97,7 +97,7 @@ def cache_key(task: str, split: str, inputs: np.ndarray, backbone_hash: str,
       "task": task, "split": split, "rows": int(inputs.shape[0]),
       "inputs_sha256": hashlib.sha256(
           f"{inputs.dtype}{inputs.shape}".encode() + inputs.tobytes()).hexdigest(),
-      "backbone_sha256": backbone_hash,
+      "backbone_fingerprint": backbone_hash,
       "backbone": {k: str(v) for k, v in sorted(vars(cfg).items())},
       "taps": [str(t) for t in resolve_taps(source.module.taps, cfg.num_layers)],
       "pooling": source.module.pooling,
@@ -265,7 +265,7 @@ def attach(cache_dir: str, task: str, method: methods.Method, params: Mapping[st
     log.info("tap cache not used for %s: %s", method.name, reason)
     return dict(splits), {"used": False, "reason": reason}
   backbone = backbone_params(source, params)
-  backbone_hash = checkpointing.tree_hash(backbone)
+  backbone_hash = checkpointing.tree_fingerprint(backbone)
   out, hits, computed, t0 = {}, 0, 0, time.time()
   stores: dict[str, RowStore] = {}  # opened on the first miss, then shared by the splits
   for name, arrays in splits.items():

@@ -424,7 +424,7 @@ def train(
 
   with jax.set_mesh(device_mesh):
     params, param_shardings = partitioning.sharded_init(init_params, device_mesh, rules)
-    params = jax.device_put(load_initial(params), param_shardings)
+    params = load_initial(params)  # loaded leaves go straight into their shardings
     tap_stats = None
     if data.tap_cache_dir:
       splits, tap_stats = tap_cache.attach(
@@ -468,7 +468,7 @@ def train(
                       out_shardings=state_shardings)(trainable, frozen)
       # The step counter is global across stages; the schedule restarts per stage.
       state = state.replace(step=jnp.asarray(s_begin, jnp.int32))
-      frozen_hash = checkpointing.tree_hash(state.frozen)
+      frozen_hash = checkpointing.tree_fingerprint(state.frozen)
       if resuming_here:
         if not s_begin <= start_step <= s_end:
           raise ValueError(f"checkpoint at step {start_step} is from stage {stage_idx}, "
@@ -535,7 +535,7 @@ def train(
         checkpointing.save_tree(os.path.join(model_dir, "stage_0_params"), params)
       start_step = max(start_step, s_end)
       meta = None
-      final_frozen_hash = checkpointing.tree_hash(state.frozen)
+      final_frozen_hash = checkpointing.tree_fingerprint(state.frozen)
       if eval_only:
         break
     ckpt.close()

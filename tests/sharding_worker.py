@@ -17,11 +17,12 @@ import json
 import os
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 from flax import traverse_util
 
-from levi_jax import methods, partitioning, step
+from levi_jax import checkpointing, methods, partitioning, step
 from levi_jax.models import t5_encoder as t5
 from levi_jax.models.task_net import CategoricalFeature, FeatureTower
 from levi_jax.optim import OptimizerConfig, make_optimizer
@@ -101,19 +102,29 @@ def run_training(name: str, mesh, rules, inspect: bool = False, save_to: str | N
 
   Returns:
     (arrays, report): the loss per step, the gradients of the first step,
-    the parameters at the end and eval sums with them; with `inspect`, the report holds the
-    layout of the fresh state and the constraint counts of the lowered step.
+    the parameters at the end and eval sums with them, and whether the
+    fingerprint of the final sharded parameters equals that of their host copy;
+    the report holds the fingerprints of one-device init values, on the host
+    and placed into this mesh's shardings, and, with `inspect`, the layout of the fresh state and the constraint counts
+    of the lowered step.
   """
   method = build(name)
   init, optimizer = _init_fn(method)
   state, shardings = partitioning.sharded_init(init, mesh, rules)
+  # The fingerprint of one set of values, placed into this mesh's shardings
+  # (values of a sharded init may differ in the last bit from one device's).
+  one_device = jax.device_get(nn.meta.unbox(init()).all_params())
+  placed = jax.tree.map(
+      lambda v, s: jax.make_array_from_callback(v.shape, s, lambda i: v[i]), one_device,
+      nn.meta.unbox(methods.combine(shardings.params, shardings.frozen)))
+  report = {"init_fingerprint": checkpointing.tree_fingerprint(placed),
+            "host_fingerprint": checkpointing.tree_fingerprint(one_device)}
   train_step = step.make_train_step(method, optimizer, step.LossConfig())
   local = make_batch()
   rows = partitioning.process_batch_slice(BATCH, mesh)
   batch = partitioning.global_batch({k: v[rows] for k, v in local.items()}, mesh)
   rng = jax.random.PRNGKey(1)
   jitted = partitioning.jit_train_step(train_step, shardings, mesh, rules)
-  report = {}
   if inspect:
     report["layout"] = _layout({"params": state.params, "frozen": state.frozen,
                                 "mu": state.opt_state[0].mu})
@@ -129,6 +140,10 @@ def run_training(name: str, mesh, rules, inspect: bool = False, save_to: str | N
       arrays = {f"grad/{k}": v / 0.1 for k, v in to_host(state.opt_state[0].mu).items()}
   arrays["loss"] = np.asarray(losses)
   arrays.update({f"param/{k}": v for k, v in to_host(state.all_params()).items()})
+  host = traverse_util.unflatten_dict(
+      {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}, sep="/")
+  arrays["fingerprint_matches_host"] = np.asarray(
+      checkpointing.tree_fingerprint(state.all_params()) == checkpointing.tree_fingerprint(host))
   eval_step = partitioning.jit_eval_step(
       step.make_eval_step(method, step.LossConfig()),
       methods.combine(shardings.params, shardings.frozen), mesh, rules)
@@ -159,6 +174,46 @@ def restore_resharded(path: str, name: str, mesh, rules) -> tuple[dict, dict]:
   return {f"param/{k}": v for k, v in to_host(restored.all_params()).items()}, info
 
 
+class _ReadLog(np.ndarray):
+  """A numpy array that records the shape of every slice read from it."""
+
+  reads: list = []
+
+  def __getitem__(self, index):
+    out = np.asarray(np.ndarray.__getitem__(self, index))
+    _ReadLog.reads.append(out.shape)
+    return out
+
+
+def put_backbone_report(mesh, rules) -> dict:
+  """How `pretrained.put_backbone` places host weights into a sharded model.
+
+  Per backbone leaf: the sharding is the one the model was built with, the
+  values are the host ones, and every slice read from the host array is one
+  device's shard (the whole leaf is never put on one device first).
+  """
+  from levi_jax import pretrained
+  method = build("levi")
+  params, _ = partitioning.sharded_init(
+      lambda: method.init(jax.random.PRNGKey(0), make_batch()), mesh, rules)
+  prefix = pretrained.backbone_prefixes(params)[0]
+  flat = traverse_util.flatten_dict(params, sep="/")
+  targets = {k[len(prefix) + 1:]: v for k, v in flat.items() if k.startswith(prefix + "/")}
+  host = {k: (np.asarray(v) + 1).view(_ReadLog) for k, v in to_host(targets).items()}
+  out = {"leaves": len(host), "sharding_kept": True, "values_equal": True,
+         "reads_are_shards": True, "split_leaves": 0}
+  for k, v in host.items():
+    _ReadLog.reads = []
+    placed = traverse_util.flatten_dict(pretrained.put_backbone(
+        params, traverse_util.unflatten_dict({k: v}, sep="/")), sep="/")[f"{prefix}/{k}"]
+    shard = tuple(targets[k].sharding.shard_shape(targets[k].shape))
+    out["sharding_kept"] &= placed.sharding == targets[k].sharding
+    out["values_equal"] &= bool(np.array_equal(to_host({"x": placed})["x"], np.asarray(v)))
+    out["reads_are_shards"] &= bool(_ReadLog.reads) and all(r == shard for r in _ReadLog.reads)
+    out["split_leaves"] += int(np.prod(shard)) < int(np.prod(v.shape))
+  return out
+
+
 def meshes(out_dir: str, name: str):
   """One method's 8-device checks; arrays to `{name}.npz`, the rest to `{name}.json`.
 
@@ -177,9 +232,11 @@ def meshes(out_dir: str, name: str):
     got, info = run_training(name, mesh, partitioning.rules_for(cfg), inspect=inspect,
                              save_to=ckpt if inspect and not fsdp else None)
     arrays.update({f"{tag}/{name}/{k}": v for k, v in got.items()})
-    if info:
-      report[tag] = info
+    report[f"{tag}/{name}"] = info
   if name == "levi":
+    cfg = partitioning.MeshConfig(2, 4, True)
+    report["put_backbone"] = put_backbone_report(partitioning.make_mesh(cfg, devices),
+                                                 partitioning.rules_for(cfg))
     for data, model, devs in ((8, 1, devices), (1, 1, devices[:1])):
       mesh = partitioning.make_mesh(partitioning.MeshConfig(data, model), devs)
       got, info = restore_resharded(ckpt, name, mesh, partitioning.LOGICAL_RULES)
@@ -203,8 +260,11 @@ def multiprocess(out_dir: str, port: int, process_id: int, num_processes: int):
     for data, model in ((n // 2, 2), (1, n)):
       mesh = partitioning.make_mesh(partitioning.MeshConfig(data, model))
       result[f"{data}x{model}/shard"] = np.asarray(partitioning.process_shard(mesh))
-      for k, v in run_training("levi", mesh, partitioning.LOGICAL_RULES)[0].items():
+      arrays, report = run_training("levi", mesh, partitioning.LOGICAL_RULES)
+      for k, v in arrays.items():
         result[f"{data}x{model}/{k}"] = v
+      for k in ("init_fingerprint", "host_fingerprint"):
+        result[f"{data}x{model}/{k}"] = np.asarray(report[k])
     np.savez(os.path.join(out_dir, f"process_{process_id}.npz"), **result)
   finally:
     jax.distributed.shutdown()

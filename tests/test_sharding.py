@@ -120,8 +120,32 @@ def test_mesh_matches_single_device(meshes, reference, mesh, name):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", worker.METHODS)
+def test_fingerprint_is_the_same_on_every_mesh(meshes, name):
+  """`tree_fingerprint` of sharded params: computed where the shards live, equal
+  to the host copy's, and for the same values the same on every mesh as on one
+  device."""
+  arrays, report = meshes
+  want = report[f"1x8/{name}"]["host_fingerprint"]
+  for mesh in ["1x8", "2x4", "4x2", "8x1", "2x4_fsdp"]:
+    assert report[f"{mesh}/{name}"]["host_fingerprint"] == want, mesh
+    assert report[f"{mesh}/{name}"]["init_fingerprint"] == want, mesh
+    assert bool(arrays[f"{mesh}/{name}/fingerprint_matches_host"]), mesh
+
+
+@pytest.mark.slow
+def test_pretrained_backbone_goes_straight_into_its_shardings(meshes):
+  """`put_backbone` on the 2x4 FSDP mesh: each device gets only its shard of a
+  host weight. (CPU devices report no memory statistics, so the host reads
+  stand in for peak device memory: no read is larger than one shard.)"""
+  got = meshes[1]["put_backbone"]
+  assert got["leaves"] > 5 and got["split_leaves"] >= got["leaves"] // 2, got
+  assert got["sharding_kept"] and got["values_equal"] and got["reads_are_shards"], got
+
+
+@pytest.mark.slow
 def test_params_and_optimizer_state_are_created_sharded(meshes):
-  layout = meshes[1]["2x4"]["layout"]
+  layout = meshes[1]["2x4/levi"]["layout"]
   emb, kv, mlp = worker.CONFIG.emb_dim, 16, worker.CONFIG.mlp_dim
   query = layout["frozen/backbone/encoder/layers_0/attention/query/kernel"]
   assert query["spec"] == [None, "model"] and query["shard_shapes"] == [[emb, kv // 4]]
@@ -134,14 +158,14 @@ def test_params_and_optimizer_state_are_created_sharded(meshes):
     assert layout[f"{tree}/task_net/mlp/dense_0/kernel"]["shard_shapes"] == [[16, 4]]
   # A 1-wide head is not divisible by the model axis: kept whole.
   assert layout["params/head/dense_1/kernel"]["spec"] == [None, None]
-  fsdp = meshes[1]["2x4_fsdp"]["layout"]
+  fsdp = meshes[1]["2x4_fsdp/levi"]["layout"]
   assert fsdp["frozen/backbone/encoder/layers_0/attention/query/kernel"]["shard_shapes"] == [
       [emb // 2, kv // 4]]
 
 
 @pytest.mark.slow
 def test_activation_constraints_reach_the_lowered_step(meshes):
-  counts = meshes[1]["2x4"]["constraints"]
+  counts = meshes[1]["2x4/levi"]["constraints"]
   assert counts["without_rules"] == 0
   # Per encoder layer: q, k, v, the MLP hidden state and the layer output.
   assert counts["with_rules"] >= 4 * worker.CONFIG.num_layers, counts
@@ -176,7 +200,12 @@ def test_two_processes_match_one(workers, reference):
     for k in runs[0]:
       if k.startswith(mesh + "/") and not k.endswith("/shard"):
         np.testing.assert_array_equal(runs[0][k], runs[1][k], err_msg=k)
-    _assert_same({k: v for k, v in runs[0].items() if not k.endswith("/shard")},
+    # The fingerprint of arrays no process holds whole (1x4: the model axis spans
+    # both processes): each process computes the value of the host copy.
+    assert str(runs[0][f"{mesh}/init_fingerprint"]) == str(runs[0]["2x2/host_fingerprint"])
+    assert bool(runs[0][f"{mesh}/fingerprint_matches_host"]), mesh
+    _assert_same({k: v for k, v in runs[0].items()
+                  if not k.endswith(("/shard", "_fingerprint"))},
                  reference["levi"], f"{mesh}/")
 
 

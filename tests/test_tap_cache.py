@@ -119,7 +119,7 @@ def test_attach_adds_taps_the_model_would_compute(tmp_path):
   with np.load(entry) as f:
     key = json.loads(str(f["key"]))
   assert key["split"] == "train" and key["taps"] == ["0", "1"] and key["pooling"] == "mean"
-  assert key["backbone_sha256"] == checkpointing.tree_hash(params["backbone"])
+  assert key["backbone_fingerprint"] == checkpointing.tree_fingerprint(params["backbone"])
 
 
 def test_row_store_runs_the_backbone_once_per_row_across_tasks(tmp_path):

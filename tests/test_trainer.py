@@ -94,7 +94,7 @@ def test_frozen_backbone_is_bit_identical(tmp_path, method):
   params, _ = partitioning.sharded_init(lambda: m.init(init_rng, first),
                                         partitioning.make_mesh(), partitioning.LOGICAL_RULES)
   _, frozen = methods.partition(params, m.stages[0].frozen)
-  assert results["frozen_hash"] == checkpointing.tree_hash(frozen)
+  assert results["frozen_hash"] == checkpointing.tree_fingerprint(frozen)
   # Not written into the training checkpoint either.
   step_dir = tmp_path / "checkpoints" / "12" / "state"
   restored = ocp.StandardCheckpointer().restore(str(step_dir))
@@ -149,7 +149,7 @@ def test_initial_checkpoint_restores_the_backbone(tmp_path):
                                   {k: v[:4] for k, v in task_data().train.items()}))
   checkpointing.save_tree(str(tmp_path / "pre"), params["backbone"])
   results = run(tmp_path / "run", "levi", initial_checkpoint_path=str(tmp_path / "pre"))
-  assert results["frozen_hash"] == checkpointing.tree_hash({"backbone": params["backbone"]})
+  assert results["frozen_hash"] == checkpointing.tree_fingerprint({"backbone": params["backbone"]})
 
 
 @pytest.mark.parametrize("fixture", ["t5x_legacy_f32", "t5x_orbax"])
@@ -163,7 +163,7 @@ def test_t5x_checkpoint_as_initial_checkpoint(tmp_path, fixture):
   want = traverse_util.unflatten_dict(
       {k[len(fixture) + 1:]: expected[k] for k in expected.files if k.startswith(fixture + "/")},
       sep="/")
-  assert results["frozen_hash"] == checkpointing.tree_hash({"backbone": want})
+  assert results["frozen_hash"] == checkpointing.tree_fingerprint({"backbone": want})
 
 
 def test_pretrained_minilm_backbone_trains_frozen(tmp_path):
@@ -172,7 +172,7 @@ def test_pretrained_minilm_backbone_trains_frozen(tmp_path):
   cfg = backbones.PretrainedConfig(format="minilm_l6")
   results = run(tmp_path, "levi", steps=4, model_kw={"pretrained": cfg})
   want = backbones.load_pretrained(cfg).params
-  assert results["frozen_hash"] == checkpointing.tree_hash({"backbone": want})
+  assert results["frozen_hash"] == checkpointing.tree_fingerprint({"backbone": want})
   assert results["params_total"] - results["params_trained"] == sum(
       np.size(x) for x in jax.tree.leaves(want))
   assert np.isfinite(results["metrics"]["ood_test"]["rmse"])
