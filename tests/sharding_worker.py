@@ -105,8 +105,8 @@ def run_training(name: str, mesh, rules, inspect: bool = False, save_to: str | N
     the parameters at the end and eval sums with them, and whether the
     fingerprint of the final sharded parameters equals that of their host copy;
     the report holds the fingerprints of one-device init values, on the host
-    and placed into this mesh's shardings, and, with `inspect`, the layout of the fresh state and the constraint counts
-    of the lowered step.
+    and placed into this mesh's shardings, and, with `inspect`, the layout of
+    the fresh state and the constraint counts of the lowered step.
   """
   method = build(name)
   init, optimizer = _init_fn(method)

@@ -195,6 +195,23 @@ def test_inspect_cli(world, capsys):
   assert "u.data" in capsys.readouterr().err
 
 
+def test_inspect_shows_what_the_minilm_backbone_reads(world, capsys):
+  from levi_jax.checkpoints.wordpiece import WordPieceVocabulary
+  from levi_jax.data import inspect
+
+  vocab_file = inspect.backbone_vocab_path("minilm")
+  assert inspect.main(["--task", TASK, "--data_dir", world, "--backbone", "minilm"]) == 0
+  out = capsys.readouterr().out
+  assert f"{vocab_file} (WordPiece, 30522 pieces)" in out and out.count("targets=") == 3
+  # The first example is the first training row's text, lower-cased WordPieces.
+  text = pipeline.prepare(TASK, world).source_arrays("train", [0])["inputs"][0]
+  ids = WordPieceVocabulary(vocab_file).encode_padded([text], pipeline.DEFAULT_INPUTS_LENGTH)
+  assert f"[0] inputs ({int((ids > 0).sum())} tokens)" in out
+  assert text.lower().split()[0].rstrip(":") in out and "user: " not in out
+  assert inspect.main(["--task", TASK, "--data_dir", world, "--backbone", "/nonexistent"]) == 1
+  assert "neither 'minilm' nor a checkpoint" in capsys.readouterr().err
+
+
 def test_models_and_numpy_path_do_not_import_tensorflow(world):
   code = ("import sys; import levi_jax.models, levi_jax.data\n"
           "from levi_jax.data import pipeline\n"

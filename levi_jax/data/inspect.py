@@ -2,10 +2,14 @@
 
     python -m levi_jax.data.inspect --list
     python -m levi_jax.data.inspect --task movielens_100k.gender_m_to_f [--data_dir DIR]
+    python -m levi_jax.data.inspect --task ... --backbone minilm      # MiniLM's WordPieces
+    python -m levi_jax.data.inspect --task ... --backbone CHECKPOINT  # its vocabulary
 
 For a task: where its data came from, malformed rows, the populations, per split
 the number of ratings, users and items with the rating mean and std, the
-categorical features, and three examples from the seqio Task, decoded.
+categorical features, and three examples as a backbone reads them, decoded: the
+seqio Task's SentencePiece tokens, or with a WordPiece vocabulary (`--backbone
+minilm`, or a BERT `vocab.txt` as --vocab_path) the WordPieces the trainer feeds.
 """
 
 from __future__ import annotations
@@ -34,6 +38,44 @@ def _list() -> None:
   print(f"{len(names)} tasks")
 
 
+def backbone_vocab_path(backbone: str) -> str | None:
+  """The vocabulary a backbone reads: `minilm` (the packaged all-MiniLM-L6-v2),
+  or a checkpoint that carries one (`pretrained.checkpoint_vocabulary`)."""
+  import os  # pylint: disable=g-import-not-at-top
+  if backbone == "minilm":
+    from levi_jax.checkpoints import backbones  # pylint: disable=g-import-not-at-top
+    return os.path.join(backbones.minilm_l6_folder(), "vocab.txt")
+  from levi_jax import pretrained  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(backbone):
+    raise FileNotFoundError(f"--backbone: {backbone} is neither 'minilm' nor a checkpoint")
+  found = pretrained.checkpoint_vocabulary(backbone)
+  bert_vocab = os.path.join(backbone, "vocab.txt")
+  if found is None and os.path.isfile(bert_vocab):
+    return bert_vocab
+  if found is None:
+    raise FileNotFoundError(f"--backbone: {backbone} carries no vocabulary (no "
+                            f"{pretrained.VOCAB_MANIFEST}, spiece.model, vocab.txt or T5X "
+                            "config.gin naming a SentencePiece model)")
+  return found.path
+
+
+def _wordpiece_examples(task, vocab_path: str, inputs_length: int) -> None:
+  from levi_jax.checkpoints.wordpiece import WordPieceVocabulary  # pylint: disable=g-import-not-at-top
+  vocab = WordPieceVocabulary(vocab_path)
+  print(f"  vocabulary: {vocab_path} (WordPiece, {vocab.vocab_size} pieces)")
+  print("  three examples (train split, as the trainer tokenizes them):")
+  src = task.source_arrays("train", np.arange(min(3, len(task.rows("train")))))
+  ids = vocab.encode_padded(src["inputs"], inputs_length)
+  for k in range(len(ids)):
+    n_tok = int((ids[k] > 0).sum())
+    print(f"  [{k}] inputs ({n_tok} tokens): {vocab.decode(ids[k].tolist())!r}")
+    feats = [f"{f.name}={task.decode_feature(f.name, src[f.name][k])}" if f.bag_size
+             else f"{f.name}={task.decode_feature(f.name, src[f.name][k])[0]}"
+             for f in task.feature_specs]
+    print("      " + ", ".join(feats))
+    print(f"      targets={float(src['targets'][k]):g}")
+
+
 def _describe(name: str, data_dir: str | None, inputs_length: int,
               vocab_path: str | None) -> None:
   task = pipeline.prepare(name, data_dir)
@@ -60,6 +102,9 @@ def _describe(name: str, data_dir: str | None, inputs_length: int,
   print("  features: " + ", ".join(
       f"{f.name} ({f.vocab_size}{f', bag {f.bag_size}' if f.bag_size else ''})"
       for f in task.feature_specs))
+  if vocab_path and vocab_path.endswith(".txt"):
+    _wordpiece_examples(task, vocab_path, inputs_length)
+    return
   tasks.register_tasks(data_dir=data_dir, vocab_path=vocab_path)
   ds = tasks.get_dataset(name, "train", inputs_length=inputs_length)
   import seqio  # pylint: disable=g-import-not-at-top
@@ -86,14 +131,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--data_dir", default=None,
                       help="raw files, tfds[:DIR]; unset: LEVI_DATA_DIR or the synthetic world")
   parser.add_argument("--inputs_length", type=int, default=pipeline.DEFAULT_INPUTS_LENGTH)
-  parser.add_argument("--vocab_path", default=None, help="SentencePiece model for inputs")
+  vocab = parser.add_mutually_exclusive_group()
+  vocab.add_argument("--vocab_path", default=None,
+                     help="vocabulary for inputs: a SentencePiece model or a WordPiece vocab.txt")
+  vocab.add_argument("--backbone", default=None,
+                     help="read inputs as this backbone does: 'minilm' or a checkpoint path")
   args = parser.parse_args(argv)
   try:
     if args.list:
       _list()
     else:
-      _describe(args.task, args.data_dir, args.inputs_length, args.vocab_path)
-  except (pipeline.UnknownTaskError, MissingFilesError, MalformedDataError) as e:
+      vocab_path = backbone_vocab_path(args.backbone) if args.backbone else args.vocab_path
+      _describe(args.task, args.data_dir, args.inputs_length, vocab_path)
+  except (pipeline.UnknownTaskError, MissingFilesError, MalformedDataError,
+          FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0
