@@ -17,12 +17,13 @@ batch-sharded over the mesh's `data` axis, each process feeding its rows (as
 the evaluation does); the cache folder must be visible to every process.
 
 Beneath the split entries, a row store (`cache_dir/rows/<digest>/`, keyed by
-the same backbone, architecture, taps, pooling and token shape, not by task)
-holds the taps of every token row computed so far under the sha1 of the row:
-a split entry that is missing is assembled from it, and only rows it lacks run
+the same backbone, architecture, pooling and token shape, not by task or tap
+set) holds the pooled output of *every* layer (and "final") of every token row
+computed so far, under the sha1 of the row: a split entry that is missing is
+assembled from it (its taps picked from the layers), and only rows it lacks run
 through the backbone. The shifts of one dataset deal the same ratings into
-different splits, so the backbone runs over each rating's text once for all
-of them (`RowStore`).
+different splits, and methods and ablations tap different layers, so the
+backbone runs over each rating's text once for all of them (`RowStore`).
 """
 
 from __future__ import annotations
@@ -149,10 +150,17 @@ def row_hashes(inputs: np.ndarray) -> np.ndarray:
   return np.array([hashlib.sha1(r.tobytes()).digest() for r in inputs], dtype="S20")
 
 
+def all_taps(source: TapSource) -> tuple[int | str, ...]:
+  """What the row store holds per row: every layer of the backbone, then "final"."""
+  return tuple(range(source.module.backbone.config.num_layers)) + ("final",)
+
+
 def row_store_dir(cache_dir: str, key: Mapping[str, Any], inputs: np.ndarray) -> str:
-  """The row store of a split key: what the taps depend on except task and split."""
+  """The row store of a split key: what the taps depend on except task, split
+  and the tap set (the store holds every layer)."""
   store_key = {k: v for k, v in key.items()
-               if k not in ("task", "split", "rows", "inputs_sha256", "shards")}
+               if k not in ("task", "split", "rows", "inputs_sha256", "shards", "taps")}
+  store_key["layers"] = "all"
   store_key["row"] = [str(inputs.dtype), list(inputs.shape[1:])]
   digest = hashlib.sha256(json.dumps(store_key, sort_keys=True).encode()).hexdigest()[:20]
   return os.path.join(cache_dir, "rows", digest)
@@ -266,6 +274,9 @@ def attach(cache_dir: str, task: str, method: methods.Method, params: Mapping[st
     return dict(splits), {"used": False, "reason": reason}
   backbone = backbone_params(source, params)
   backbone_hash = checkpointing.tree_fingerprint(backbone)
+  every_layer = TapSource(source.module.clone(taps=all_taps(source)), source.prefix)
+  pick = [all_taps(source).index(t) for t in
+          resolve_taps(source.module.taps, source.module.backbone.config.num_layers)]
   out, hits, computed, t0 = {}, 0, 0, time.time()
   stores: dict[str, RowStore] = {}  # opened on the first miss, then shared by the splits
   for name, arrays in splits.items():
@@ -279,11 +290,11 @@ def attach(cache_dir: str, task: str, method: methods.Method, params: Mapping[st
       path = row_store_dir(cache_dir, key, a["inputs"])
       if path not in stores:
         stores[path] = RowStore(path)
-      taps, n = stores[path].lookup(
-          a["inputs"], lambda rows: compute_taps(source, backbone, rows, mesh, rules,
+      layers, n = stores[path].lookup(
+          a["inputs"], lambda rows: compute_taps(every_layer, backbone, rows, mesh, rules,
                                                  batch_size))
       computed += n
-      return taps
+      return np.ascontiguousarray(layers[:, pick]) if len(layers) else layers
 
     taps, hit = load_or_compute(cache_dir, key, assemble, writer=sharded)
     hits += hit

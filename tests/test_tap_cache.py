@@ -67,7 +67,8 @@ def test_entries_are_invalidated_by_what_the_taps_depend_on(tmp_path):
   assert _attach(tmp_path, data)[3]["misses"] == 3
   assert _attach(tmp_path, data)[3]["hits"] == 3
   # Another tap set, pooling, backbone (init seed) or sequence length: new entries.
-  assert _attach(tmp_path, data, taps=(-1,))[3]["hits"] == 0
+  other_taps = _attach(tmp_path, data, taps=(-1,))[3]
+  assert other_taps["hits"] == 0 and other_taps["rows_computed"] == 0  # from the row store
   assert _attach(tmp_path, data, pooling="first")[3]["hits"] == 0
   assert _attach(tmp_path, data, seed=1)[3]["hits"] == 0
   longer = trainer.TaskData(
@@ -146,6 +147,20 @@ def test_row_store_runs_the_backbone_once_per_row_across_tasks(tmp_path):
   assert stats3["rows_computed"] == len(new_rows)
   direct = method.module.apply({"params": params}, fresh, method=method.module.pooled_taps)
   np.testing.assert_allclose(splits3["train"][CACHED_TAPS], direct, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("taps", [(0,), (-1, 0), ("final",)])
+def test_row_store_serves_every_tap_set(tmp_path, taps):
+  """The row store holds every layer: another method's tap set runs no backbone,
+  and its taps are the ones its model computes."""
+  data = task_data(48)
+  _attach(tmp_path, data, taps=(0, 1))
+  method, params, splits, stats = _attach(tmp_path, data, taps=taps)
+  assert stats["misses"] == 3 and stats["rows_computed"] == 0
+  direct = method.module.apply({"params": params}, data.train,
+                               method=method.module.pooled_taps)
+  assert splits["train"][CACHED_TAPS].shape == direct.shape
+  np.testing.assert_allclose(splits["train"][CACHED_TAPS], direct, rtol=1e-5, atol=1e-6)
 
 
 def _attach_task(cache, data, task):
