@@ -189,37 +189,68 @@ def seed_wins(records: Sequence[Mapping[str, Any]], task: str, better: str, than
   return sum(by[(better, s)] < by[(than, s)] for s in seeds), len(seeds)
 
 
+def is_levi(column: str) -> bool:
+  """LEVI and its variants (LEVI-layerwise, LEVI+aux, LEVI+LoRA): not baselines."""
+  return column.startswith("LEVI")
+
+
 def figure1_answer(summary: Sequence[Mapping[str, Any]], id_tolerance: float = 0.03,
-                   records: Sequence[Mapping[str, Any]] = ()) -> dict[str, dict[str, Any]]:
+                   records: Sequence[Mapping[str, Any]] = (),
+                   baselines: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+                   levi: str = "LEVI") -> dict[str, dict[str, Any]]:
   """Per shift: the paper's Figure-1 question, from the seed means.
 
-  `ft_worst`: FT's OOD RMSE is above both LP's and Scratch's. `levi_best_ood`:
-  LEVI's OOD RMSE is below every other column's. `levi_id_ok`: LEVI's ID RMSE
-  is within `id_tolerance` (relative) of the best ID RMSE. `levi_ood_margin`:
-  the best other OOD RMSE minus LEVI's (positive: LEVI is better). With the
-  per-seed `records`, `seeds_levi_beats_best_other` and `seeds_levi_beats_ft`
-  count the seeds where LEVI's OOD RMSE is the lower one, as (wins, seeds).
+  `ft_worst`: FT's OOD RMSE is above both LP's and Scratch's (None on a shift
+  without FT). `levi_best_ood`: `levi`'s OOD RMSE is below every baseline's
+  (the columns that are not LEVI variants). `levi_id_ok`: its ID RMSE is
+  within `id_tolerance` (relative) of the best ID RMSE. `levi_ood_margin`: the
+  best baseline's OOD RMSE minus LEVI's (positive: LEVI is better). With
+  `baselines` (task -> `reference_baselines`), `levi_beats_references`: LEVI's
+  OOD RMSE is also below every classical reference's. With the per-seed
+  `records`, `seeds_levi_beats_best_other` and `seeds_levi_beats_ft` count the
+  seeds where LEVI's OOD RMSE is the lower one, as (wins, seeds).
   """
   out = {}
   for task, row in _table(summary).items():
-    if not {"FT", "LP", "Scratch", "LEVI"} <= set(row):
+    others = {c: r["ood_mean"] for c, r in row.items() if not is_levi(c)}
+    if levi not in row or not others:
       continue
     ood = {c: r["ood_mean"] for c, r in row.items()}
-    others = {c: v for c, v in ood.items() if c != "LEVI"}
     best_other = min(others, key=others.get)
-    best_id = min(r["id_mean"] for r in row.values())
+    best_id = min(r["id_mean"] for c, r in row.items() if not is_levi(c) or c == levi)
+    has_ft = {"FT", "LP", "Scratch"} <= set(row)
     out[task] = {
-        "ft_worst": bool(ood["FT"] > ood["LP"] and ood["FT"] > ood["Scratch"]),
-        "levi_best_ood": bool(ood["LEVI"] < others[best_other]),
-        "levi_ood_margin": float(others[best_other] - ood["LEVI"]),
+        "ft_worst": bool(ood["FT"] > ood["LP"] and ood["FT"] > ood["Scratch"]) if has_ft
+                    else None,
+        "levi_best_ood": bool(ood[levi] < others[best_other]),
+        "levi_ood_margin": float(others[best_other] - ood[levi]),
         "best_other_ood": best_other,
-        "levi_id_gap": float(row["LEVI"]["id_mean"] / best_id - 1.0),
-        "levi_id_ok": bool(row["LEVI"]["id_mean"] <= (1.0 + id_tolerance) * best_id),
+        "levi_id_gap": float(row[levi]["id_mean"] / best_id - 1.0),
+        "levi_id_ok": bool(row[levi]["id_mean"] <= (1.0 + id_tolerance) * best_id),
     }
+    refs = (baselines or {}).get(task)
+    if refs:
+      best_ref = min(refs, key=lambda c: refs[c]["ood_test"])
+      out[task]["best_reference"] = best_ref
+      out[task]["levi_beats_references"] = bool(ood[levi] < refs[best_ref]["ood_test"])
     if records:
-      out[task]["seeds_levi_beats_best_other"] = seed_wins(records, task, "LEVI", best_other)
-      out[task]["seeds_levi_beats_ft"] = seed_wins(records, task, "LEVI", "FT")
+      out[task]["seeds_levi_beats_best_other"] = seed_wins(records, task, levi, best_other)
+      if "FT" in row:
+        out[task]["seeds_levi_beats_ft"] = seed_wins(records, task, levi, "FT")
   return out
+
+
+def levi_by_validation(summary: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """The LEVI variant with the lowest validation RMSE on average over the shifts
+  that ran every variant (how the default is chosen; never on a test split)."""
+  table = _table(summary)
+  variants = sorted({c for row in table.values() for c in row if is_levi(c)})
+  tasks = [t for t, row in table.items() if all(v in row for v in variants)]
+  if len(variants) < 2 or not tasks:
+    return {}
+  mean_val = {v: float(np.mean([table[t][v]["val_mean"] for t in tasks])) for v in variants}
+  return {"chosen": min(mean_val, key=mean_val.get), "mean_validation_rmse": mean_val,
+          "shifts": len(tasks)}
 
 
 REFERENCES = {"training_mean": MEAN_COLUMN, "item_bias": "item bias",
@@ -328,14 +359,28 @@ def markdown(summary: Sequence[Mapping[str, Any]], columns: Sequence[str], heade
   if chosen:
     lines += ["Learning rates chosen on validation (mean over seeds): " + "; ".join(
         f"{t} {c} {lr:g}" for t, c, lr in chosen) + ".", ""]
-  answer = figure1_answer(summary, id_tolerance, records)
+  variant = levi_by_validation(summary)
+  if variant:
+    lines += ["LEVI variants by mean validation RMSE over the "
+              f"{variant['shifts']} shifts that ran them all (the default is chosen so): " +
+              ", ".join(f"{v} {x:.4f}" for v, x in sorted(
+                  variant["mean_validation_rmse"].items(), key=lambda kv: kv[1])) +
+              f"; chosen: **{variant['chosen']}**.", ""]
+  answer = figure1_answer(summary, id_tolerance, records, baselines)
   if answer:
     n = len(answer)
-    count = lambda k: sum(a[k] for a in answer.values())
+    count = lambda k: sum(bool(a.get(k)) for a in answer.values())
+    with_ft = sum(a["ft_worst"] is not None for a in answer.values())
     lines += [
         "## The Figure-1 question, as measured", "",
-        f"* FT's OOD error above both LP's and Scratch's: {count('ft_worst')} of {n} shifts.",
-        f"* LEVI's OOD error below every other method's: {count('levi_best_ood')} of {n}.",
+        f"* FT's OOD error above both LP's and Scratch's: {count('ft_worst')} of {with_ft} "
+        "shifts with FT.",
+        f"* LEVI's OOD error below every baseline's (the columns that are not LEVI "
+        f"variants): {count('levi_best_ood')} of {n}.",
+        *([f"* ... and below every classical reference's too: "
+           f"{sum(bool(a['levi_best_ood'] and a['levi_beats_references']) for a in answer.values())}"
+           f" of {n}; LEVI below the best reference alone: {count('levi_beats_references')} "
+           f"of {n}."] if any("levi_beats_references" in a for a in answer.values()) else []),
         f"* LEVI's ID error within {100 * id_tolerance:.0f}% of the best ID: "
         f"{count('levi_id_ok')} of {n}.",
         *([f"* OOD error below the `{ref}` reference's, shifts of {n}: " + ", ".join(
@@ -347,8 +392,9 @@ def markdown(summary: Sequence[Mapping[str, Any]], columns: Sequence[str], heade
         "| seeds LEVI OOD < best other | seeds LEVI OOD < FT | LEVI ID vs best ID |",
         "|---|---|---|---|---|---|"]
     wins = lambda a, k: "{}/{}".format(*a[k]) if k in a else "-"
+    yes_no = lambda v: "-" if v is None else ("yes" if v else "no")
     for task, a in sorted(answer.items()):
-      lines.append(f"| {task} | {'yes' if a['ft_worst'] else 'no'} | "
+      lines.append(f"| {task} | {yes_no(a['ft_worst'])} | "
                    f"{'yes' if a['levi_best_ood'] else 'no'} ({a['levi_ood_margin']:+.4f} vs "
                    f"{a['best_other_ood']}) | {wins(a, 'seeds_levi_beats_best_other')} | "
                    f"{wins(a, 'seeds_levi_beats_ft')} | {100 * a['levi_id_gap']:+.1f}% |")
@@ -452,6 +498,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="report each run's best-validation evaluation, not its last")
   p.add_argument("--references_only", action="store_true",
                  help="fit and report the classical references only (no training)")
+  p.add_argument("--restrict", default="",
+                 help="run some methods on part of the grid only, e.g. 'ft=gender_m_to_f,"
+                      "time_later@0;lora=gender_m_to_f' (shifts, then @seeds); for expensive "
+                      "methods on a CPU")
   p.add_argument("--keep_checkpoints", action="store_true")
   p.add_argument("--runs_dir", default="",
                  help="where each run's MODEL_DIR and the tap cache go (default OUT/runs); "
@@ -484,6 +534,41 @@ def parse_lr_grid(text: str, methods: Sequence[str]) -> dict[str, list[float]]:
                          f"{sorted(set(COLUMNS.values()))} or 'default'")
       grid[name] = lrs
   return {m: grid.get(m, grid.get("default", [])) for m in methods}
+
+
+def parse_restrict(text: str, methods: Sequence[str]
+                   ) -> dict[str, tuple[set[str], set[int] | None]]:
+  """'ft=gender_m_to_f,time_later@0,1;lora=time_later' -> {method: (shifts, seeds or None)}.
+
+  A shift is named without or with its dataset; methods not named run everywhere.
+  """
+  out: dict[str, tuple[set[str], set[int] | None]] = {}
+  for part in text.split(";"):
+    if not part.strip():
+      continue
+    name, eq, rest = part.partition("=")
+    name = name.strip()
+    if not eq or name not in COLUMNS.values():
+      raise ValueError(f"--restrict {text!r}: expected METHOD=SHIFT,...[@SEED,...] with a "
+                       f"method of {sorted(set(COLUMNS.values()))}; got {part!r}")
+    if name not in methods:
+      raise ValueError(f"--restrict: {name!r} is not a method of this sweep ({list(methods)})")
+    shifts, _, seeds = rest.partition("@")
+    out[name] = (set(runs.parse_list(shifts)),
+                 set(runs.parse_list(seeds, int)) if seeds.strip() else None)
+    if not out[name][0]:
+      raise ValueError(f"--restrict: no shifts for {name!r} in {part!r}")
+  return out
+
+
+def restricted_out(restrict: Mapping[str, tuple[set[str], set[int] | None]], method: str,
+                   task: str, seed: int) -> bool:
+  """Whether `--restrict` leaves (method, task, seed) out of the grid."""
+  if method not in restrict:
+    return False
+  shifts, seeds = restrict[method]
+  return (task not in shifts and task.split(".", 1)[1] not in shifts) or (
+      seeds is not None and seed not in seeds)
 
 
 def epochs_to_steps(task: str, data_dir: str, epochs: float, batch_size: int) -> int:
@@ -561,6 +646,12 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     plan.setdefault(name, (method, extra, []))[2].append(c)
   methods = list(dict.fromkeys(m for m, _, _ in plan.values()))
   grid = parse_lr_grid(args.lr_grid, methods)
+  restrict = parse_restrict(args.restrict, methods)
+  for method, (shifts_of, _) in restrict.items():
+    unknown = {x for x in shifts_of if x not in tasks and not any(
+        t.split(".", 1)[1] == x for t in tasks)}
+    if unknown:
+      raise ValueError(f"--restrict: {method} names shifts not in the grid: {sorted(unknown)}")
   batch_size = None
   if args.epochs:
     runs.parse_base(args.gin_file, args.gin)
@@ -568,7 +659,8 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     gin.clear_config()
   cache = "" if args.no_tap_cache else os.path.join(runs_dir, "tap_cache")
   all_records = []
-  total = len(tasks) * sum(len(grid[m]) or 1 for m, _, _ in plan.values()) * len(args.seeds)
+  total = sum(len(grid[m]) or 1 for task in tasks for seed in args.seeds
+              for m, _, _ in plan.values() if not restricted_out(restrict, m, task, seed))
   k = 0
   for task in tasks:
     steps, schedule = args.steps, []
@@ -578,6 +670,8 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
                   f"{max(1, steps // max(1, round(args.epochs * args.evals_per_epoch)))}"]
     for seed in args.seeds:
       for run_name, (method, variant, run_columns) in plan.items():
+        if restricted_out(restrict, method, task, seed):
+          continue
         for lr in grid[method] or [None]:
           k += 1
           oov = args.oov_dropout if method in runs.FEATURE_METHODS else 0.0
@@ -620,6 +714,8 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
             + (f"; small-model OOV dropout {args.oov_dropout:g}" if args.oov_dropout else "")
             + (f"; learning rate per method and shift chosen on validation (mean over seeds) "
                f"from {args.lr_grid!r}" if args.lr_grid else "")
+            + (f"; restricted: {args.restrict!r} (those methods ran only there)"
+               if args.restrict else "")
             + (f"; {args.epochs:g} epochs per run, evaluated {args.evals_per_epoch:g}x per epoch"
                if args.epochs else "")
             + ("; numbers from each run's best-validation evaluation (early stopping)"
@@ -635,7 +731,8 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
   chart(summary, args.columns, os.path.join(out, "results.png"),
         f"{len(tasks)} shifts, seeds {','.join(map(str, args.seeds))}, backbone {args.backbone}")
   with open(os.path.join(out, "figure1.json"), "w") as f:
-    json.dump({"figure1": figure1_answer(summary, args.id_tolerance, records),
+    json.dump({"figure1": figure1_answer(summary, args.id_tolerance, records, baselines),
+               "levi_by_validation": levi_by_validation(summary),
                "levi_vs_ft_ood": improvement(summary),
                "average_rank_ood": average_ranks(summary, args.columns, "ood"),
                "average_rank_id": average_ranks(summary, args.columns, "id"),

@@ -127,6 +127,26 @@ def test_sweep_protocol_chooses_learning_rates_on_validation(tmp_path, world):
   assert {r["val_rmse"] for r in late} != {r["val_rmse"] for r in layerwise}
 
 
+def test_sweep_restrict_runs_a_method_on_part_of_the_grid(tmp_path, world):
+  methods = ["lp", "scratch"]
+  assert sweep.parse_restrict("scratch=gender_m_to_f,time_later@0", methods) == {
+      "scratch": ({"gender_m_to_f", "time_later"}, {0})}
+  with pytest.raises(ValueError, match="not a method of this sweep"):
+    sweep.parse_restrict("ft=gender_m_to_f", methods)
+  with pytest.raises(ValueError, match="METHOD=SHIFT"):
+    sweep.parse_restrict("scratch", methods)
+  argv = ["--out", str(tmp_path), "--shifts", "gender_m_to_f", "--seeds", "0,1",
+          "--columns", "LP,Scratch", "--backbone", "random", "--data_dir", world,
+          "--restrict", "scratch=movielens_100k.gender_m_to_f@1", "--steps", "2", *TINY_ARGS]
+  result = sweep.run(sweep.parse_args(argv), "cmd")
+  ran = sorted((r["column"], r["seed"]) for r in result["all_records"])
+  assert ran == [("LP", 0), ("LP", 1), ("Scratch", 1)]
+  assert "restricted: 'scratch=movielens_100k.gender_m_to_f@1'" in result["markdown"]
+  bad = sweep.parse_args([*argv[:-len(TINY_ARGS) - 4], "--restrict", "scratch=time_later"])
+  with pytest.raises(ValueError, match="names shifts not in the grid: \\['time_later'\\]"):
+    sweep.run(bad, "cmd")
+
+
 def test_sweep_checks_the_whole_grid_before_the_first_run(tmp_path, world):
   # time_later names a MovieLens and an Amazon task; this world has MovieLens files only.
   kept = sweep.validate_grid(sweep.tasks_for(["time_later"], ["movielens_100k", "amazon_2018"]),
@@ -209,6 +229,21 @@ def test_sweep_tables():
   assert "`item bias` reference's, shifts of 2: FT 1, LP 0, Scratch 0, LEVI 1." in with_mean
   assert "| a | yes | yes (+0.1000 vs LP) | 1/2 | 2/2 | +1.0% |" in md
   assert "1 of 2 shifts" in md and "LEVI lower on 1 of 2 shifts" in md
+  # Without FT, LEVI is still compared with the baselines; LEVI variants are not baselines.
+  no_ft = _records({("c", "LP"): [(1.2, 1.3)], ("c", "Scratch"): [(1.1, 1.25)],
+                    ("c", "LEVI"): [(1.1, 1.2)], ("c", "LEVI-layerwise"): [(1.0, 1.1)]})
+  refs = {"c": {"item bias": {"id_test": 1.1, "ood_test": 1.15},
+                "train mean": {"id_test": 1.3, "ood_test": 1.4}}}
+  c = sweep.figure1_answer(sweep.summarize(no_ft), records=no_ft, baselines=refs)["c"]
+  assert c["ft_worst"] is None and c["levi_best_ood"] and c["best_other_ood"] == "Scratch"
+  assert c["best_reference"] == "item bias" and not c["levi_beats_references"]
+  assert "seeds_levi_beats_ft" not in c
+  md_c = sweep.markdown(sweep.summarize(no_ft), ["FT", "LP", "Scratch", "LEVI", "LEVI-layerwise"],
+                        "# t", records=no_ft, baselines=refs)
+  assert "| c | - | yes (+0.0500 vs Scratch) | 1/1 | - |" in md_c
+  assert "0 of 0 shifts with FT" in md_c and "below every classical reference's too: 0 of 1" in md_c
+  # The LEVI default is chosen on validation: LEVI-layerwise's 1.0 < LEVI's 1.1.
+  assert "chosen: **LEVI-layerwise**" in md_c
   assert sweep.tasks_for(["all"], ["movielens_100k", "amazon_2018"]).__len__() == 27
   assert sweep.tasks_for(["time_later"], ["movielens_100k", "amazon_2018"]) == [
       "movielens_100k.time_later", "amazon_2018.time_later"]
