@@ -23,6 +23,8 @@ class MetricLog:
     self.writer = None
     if self.enabled:
       try:
+        from levi_jax import quiet
+        quiet.import_tensorflow()
         from clu import metric_writers  # TensorFlow-backed; optional on accelerators
         self.writer = metric_writers.create_default_writer(
             os.path.join(model_dir, "tb"), asynchronous=False)

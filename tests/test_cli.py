@@ -10,7 +10,7 @@ import sys
 import gin
 import pytest
 
-from levi_jax import gin_utils, report, trainer
+from levi_jax import gin_utils, quiet, report, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_DIR = os.path.join(ROOT, "gin")
@@ -105,6 +105,8 @@ def test_train_then_eval_command_lines(tmp_path):
             "--gin.TRAIN_STEPS=6", "--gin.BATCH_SIZE=16", "--gin.SEQ_LENGTH=24"]
   out = _cli("levi_jax.train", *common, f"--gin.MODEL_DIR='{tmp_path}'")
   assert out.returncode == 0, out.stderr[-3000:]
+  noise = [line for line in out.stderr.splitlines() if any(n in line for n in quiet.NOISE)]
+  assert not noise, noise  # TensorFlow's start-up notes are dropped
   trained = json.load(open(tmp_path / "results.json"))
   assert (tmp_path / "config.gin").exists() and (tmp_path / "operative_config.gin").exists()
   assert "trainer.LoopConfig.num_steps = 6" in (tmp_path / "config.gin").read_text() or \
@@ -117,6 +119,18 @@ def test_train_then_eval_command_lines(tmp_path):
   bad = _cli("levi_jax.train", *common, f"--gin.MODEL_DIR='{tmp_path}/x'",
              "--gin.trainer.ModelConfig.adapter_dimm=3")
   assert bad.returncode != 0 and "adapter_dimm" in bad.stderr
+
+
+def test_filtered_stderr_drops_noise_and_keeps_the_rest(capfd):
+  with quiet.filtered_stderr(("oneDNN custom operations",)):
+    os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on.\n")
+    os.write(2, b"a real warning\n")
+  with pytest.raises(RuntimeError, match="boom"):
+    with quiet.filtered_stderr():
+      os.write(2, b"said before the error\n")
+      raise RuntimeError("boom")
+  err = capfd.readouterr().err
+  assert "oneDNN" not in err and "a real warning\n" in err and "said before the error" in err
 
 
 @pytest.mark.slow

@@ -105,6 +105,8 @@ class Pretrained:
     if self.vocabulary_file.endswith(".txt"):
       from levi_jax.checkpoints.wordpiece import WordPieceVocabulary
       return WordPieceVocabulary(self.vocabulary_file)
+    from levi_jax import quiet
+    quiet.import_tensorflow()
     import seqio
     return seqio.SentencePieceVocabulary(self.vocabulary_file)
 

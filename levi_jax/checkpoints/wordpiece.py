@@ -16,10 +16,14 @@ from __future__ import annotations
 import os
 from typing import Iterable, Sequence
 
-import seqio
 import numpy as np
-import tensorflow as tf
-import tensorflow_text as tf_text
+
+from levi_jax import quiet
+
+quiet.import_tensorflow()
+import seqio  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tensorflow_text as tf_text  # noqa: E402
 
 
 class WordPieceVocabulary(seqio.Vocabulary):

@@ -20,11 +20,13 @@ from typing import Sequence
 
 import numpy as np
 
+from levi_jax import quiet
 from levi_jax.data import pipeline
 from levi_jax.data.report import MalformedDataError, MissingFilesError
 
 
 def _list() -> None:
+  quiet.import_tensorflow()
   import seqio  # pylint: disable=g-import-not-at-top
 
   from levi_jax.data import tasks  # pylint: disable=g-import-not-at-top,unused-import

@@ -79,6 +79,8 @@ def read_model(path: str) -> bytes:
   if os.path.exists(path):
     with open(path, "rb") as f:
       return f.read()
+  from levi_jax import quiet  # pylint: disable=g-import-not-at-top
+  quiet.import_tensorflow()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   with tf.io.gfile.GFile(path, "rb") as f:

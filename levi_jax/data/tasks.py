@@ -29,8 +29,12 @@ import functools
 from typing import Mapping
 
 import numpy as np
-import seqio
-import tensorflow as tf
+
+from levi_jax import quiet
+
+quiet.import_tensorflow()
+import seqio  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from levi_jax.data import datasets, pipeline
 

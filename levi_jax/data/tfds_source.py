@@ -22,6 +22,8 @@ def load_movielens(dataset: str, tfds_name: str, tfds_data_dir: str | None) -> R
   Raises:
     MissingFilesError: if the dataset is neither prepared nor downloadable.
   """
+  from levi_jax import quiet  # pylint: disable=g-import-not-at-top
+  quiet.import_tensorflow()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
