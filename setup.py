@@ -2,6 +2,9 @@
 
 from setuptools import find_packages, setup
 
+SHIPPED = {"levi_jax.gin": "gin",
+           "levi_jax.demo_checkpoint": "experiments/checkpoints/synthetic_t5_small"}
+
 setup(
     name="levi_jax",
     version="0.1.0",
@@ -9,8 +12,13 @@ setup(
         "LEVI: generalizable fine-tuning by a layer-wise ensemble of a frozen "
         "T5X encoder and a small task model, in JAX/Flax."
     ),
-    packages=find_packages(include=["levi_jax", "levi_jax.*"]),
-    package_data={"levi_jax": ["py.typed"]},
+    # The top-level gin/ and the demo's checkpoint ship inside the package, so
+    # `--gin_file=runs/train.gin` and the demo work from any directory after a
+    # plain `pip install .` (levi_jax.data.paths.shipped_path finds them).
+    packages=find_packages(include=["levi_jax", "levi_jax.*"]) + list(SHIPPED),
+    package_dir=SHIPPED,
+    package_data={"levi_jax": ["py.typed"], "levi_jax.gin": ["**/*.gin"],
+                  "levi_jax.demo_checkpoint": ["**/*"]},
     python_requires=">=3.11",
     # Lower bounds are the versions the test suite has run against.
     install_requires=[

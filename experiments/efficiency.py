@@ -42,6 +42,7 @@ import benchmark  # noqa: E402
 import runs  # noqa: E402
 
 from levi_jax import demo, methods, partitioning, step, tap_cache, trainer  # noqa: E402
+from levi_jax.data import paths  # noqa: E402
 from levi_jax.models.levi import CACHED_TAPS  # noqa: E402
 from levi_jax.optim import OptimizerConfig, make_optimizer  # noqa: E402
 
@@ -56,7 +57,7 @@ def configs(gin_files, bindings) -> dict[str, Any]:
           "data": gin.get_configurable(trainer.DataConfig)(),
           "optimizer": gin.get_configurable(OptimizerConfig)(),
           "steps": gin.query_parameter("%TRAIN_STEPS"),
-          "initial_checkpoint_path": demo.resolve_repo_path(
+          "initial_checkpoint_path": paths.shipped_path(
               gin.query_parameter("%INITIAL_CHECKPOINT_PATH"))}
 
 

@@ -22,6 +22,7 @@ import gin
 import numpy as np
 
 from levi_jax import demo, gin_utils, trainer
+from levi_jax.data import paths
 from levi_jax.models.task_net import OOV_ID
 
 BASE_GIN = ("experiments/demo.gin",)
@@ -87,8 +88,8 @@ def train_run(model_dir: str, bindings: Sequence[str], gin_files: Sequence[str] 
               ) -> dict[str, Any]:
   """Trains one run (or reads its results.json); returns the results dict.
 
-  Relative paths in INITIAL_CHECKPOINT_PATH are resolved against the
-  repository root when they do not exist from the current directory.
+  Relative paths in INITIAL_CHECKPOINT_PATH are found as the trainer finds
+  them (`levi_jax.data.paths.shipped_path`).
   `oov_rate` > 0 trains on `oov_dropout(data, oov_rate, seed)`.
   """
   done = os.path.join(model_dir, "results.json")
@@ -97,12 +98,6 @@ def train_run(model_dir: str, bindings: Sequence[str], gin_files: Sequence[str] 
       return json.load(f)
   gin.clear_config()
   gin_utils.parse(gin_files, list(bindings), gin_utils.GIN_SEARCH_PATHS)
-  path = gin.query_parameter("%INITIAL_CHECKPOINT_PATH")
-  resolved = demo.resolve_repo_path(path)
-  if resolved != path:
-    gin.clear_config()
-    gin_utils.parse(gin_files, [*bindings, f"INITIAL_CHECKPOINT_PATH = '{resolved}'"],
-                    gin_utils.GIN_SEARCH_PATHS)
   gin_utils.write_operative_config(model_dir, "config.gin")
   task_data = None
   if oov_rate:
@@ -113,7 +108,7 @@ def train_run(model_dir: str, bindings: Sequence[str], gin_files: Sequence[str] 
       from levi_jax.checkpoints import backbones
       pretrained = backbones.load_pretrained(model.pretrained)
     vocabulary = trainer.backbone_vocabulary(
-        data, pretrained, gin.query_parameter("%INITIAL_CHECKPOINT_PATH"))
+        data, pretrained, paths.shipped_path(gin.query_parameter("%INITIAL_CHECKPOINT_PATH")))
     task_data = oov_dropout(trainer.load_task_data(data, vocabulary), oov_rate, seed)
   results = gin_utils.call(trainer.train, task_data=task_data)
   if not keep_checkpoints:

@@ -22,20 +22,12 @@ import gin
 from absl import logging as absl_logging
 
 from levi_jax import gin_utils, report, trainer
+from levi_jax.data import paths
 from levi_jax.input_pipeline import load_task_data
 
 DEMO_METHODS = ("ft", "lp", "scratch", "ensemble", "levi")
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Scratch has no backbone, so no backbone weights to load.
 NO_BACKBONE = ("INITIAL_CHECKPOINT_PATH = None", "trainer.ModelConfig.pretrained = None")
-
-
-def resolve_repo_path(path: str | None) -> str | None:
-  """A relative path that does not exist from here, taken from the repository root."""
-  if not path or os.path.isabs(path) or os.path.exists(path):
-    return path
-  candidate = os.path.join(REPO_ROOT, path)
-  return candidate if os.path.exists(candidate) else path
 
 
 def backbone_note() -> str:
@@ -46,9 +38,9 @@ def backbone_note() -> str:
     pretrained = None
   if pretrained is not None:
     return "pre-trained all-MiniLM-L6-v2 (frozen where the method freezes it)"
-  path = resolve_repo_path(gin.query_parameter("%INITIAL_CHECKPOINT_PATH"))
+  path = gin.query_parameter("%INITIAL_CHECKPOINT_PATH")
   if path:
-    return f"pre-trained, from {os.path.relpath(os.path.abspath(path), REPO_ROOT)}"
+    return f"pre-trained, from {path}"
   return "randomly initialised"
 
 
@@ -62,7 +54,7 @@ def data_digests(gin_file: str = "experiments/demo.gin", bindings=()) -> dict[st
   gin.clear_config()
   gin_utils.parse([gin_file], ["MODEL_DIR = '/unused'", *bindings], gin_utils.GIN_SEARCH_PATHS)
   data = gin_utils.call(trainer.DataConfig)
-  checkpoint = resolve_repo_path(gin.query_parameter("%INITIAL_CHECKPOINT_PATH"))
+  checkpoint = paths.shipped_path(gin.query_parameter("%INITIAL_CHECKPOINT_PATH"))
   gin.clear_config()
   task = load_task_data(data, trainer.backbone_vocabulary(data, None, checkpoint))
   out = {}
@@ -89,12 +81,6 @@ def run(out_dir: str, methods=DEMO_METHODS, bindings=(), gin_file="experiments/d
                     *(NO_BACKBONE if m == "scratch" else ())]
     gin.clear_config()
     gin_utils.parse([gin_file], run_bindings, gin_utils.GIN_SEARCH_PATHS)
-    path = gin.query_parameter("%INITIAL_CHECKPOINT_PATH")
-    if resolve_repo_path(path) != path:
-      gin.clear_config()
-      gin_utils.parse([gin_file], [*run_bindings,
-                                   f"INITIAL_CHECKPOINT_PATH = '{resolve_repo_path(path)}'"],
-                      gin_utils.GIN_SEARCH_PATHS)
     if m != "scratch" or not results:
       note = backbone_note()
     t0 = time.time()

@@ -14,8 +14,10 @@ from typing import Callable, Sequence
 import gin
 from absl import flags
 
-GIN_SEARCH_PATHS = (os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                 "gin"),)
+from levi_jax.data import paths
+
+# The gin files shipped with the package (the top-level gin/ of the source tree).
+GIN_SEARCH_PATHS = (paths.shipped_dir("gin"),)
 
 
 def define_flags():

@@ -317,6 +317,8 @@ def train(
     restore_step: with eval_only, which checkpoint step to evaluate.
   """
   t_start = time.time()
+  from levi_jax.data import paths
+  initial_checkpoint_path = paths.shipped_path(initial_checkpoint_path)  # e.g. the demo's
   for what, path in (("MODEL_DIR", model_dir), ("DataConfig.data_dir", data.data_dir),
                      ("DataConfig.tap_cache_dir", data.tap_cache_dir),
                      ("DataConfig.vocabulary_path", data.vocabulary_path),

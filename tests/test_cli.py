@@ -121,6 +121,45 @@ def test_train_then_eval_command_lines(tmp_path):
   assert bad.returncode != 0 and "adapter_dimm" in bad.stderr
 
 
+@pytest.mark.slow
+def test_installed_package_runs_from_any_directory(tmp_path):
+  """A non-editable `pip install .`: gin files and the demo's checkpoint ship
+  inside the package, so training with them works from `/`."""
+  import shutil
+  import site
+  src = tmp_path / "src"
+  shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+      ".git", ".venv", "build", "*.egg-info", "__pycache__", "results", "demo_out", "out"))
+  target = tmp_path / "site"
+  pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                        "--no-build-isolation", "--target", str(target), str(src)],
+                       capture_output=True, text=True, timeout=300)
+  assert pip.returncode == 0, pip.stderr[-3000:]
+  installed = target / "levi_jax"
+  assert (installed / "gin" / "runs" / "train.gin").is_file()
+  assert (installed / "demo_checkpoint" / "vocabulary.json").is_file()
+  # -S: no site processing, so the editable install of this checkout is not on
+  # the path; the dependencies come from this environment's site-packages.
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([str(target), *site.getsitepackages()]))
+  model_dir = tmp_path / "run"
+  run = subprocess.run(
+      [sys.executable, "-S", "-m", "levi_jax.train", "--gin_file=runs/train.gin",
+       "--gin_file=experiments/demo.gin", "--gin.METHOD='lp'", "--gin.TRAIN_STEPS=2",
+       "--gin.BATCH_SIZE=8", f"--gin.MODEL_DIR='{model_dir}'"],
+      cwd="/", env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  results = json.load(open(model_dir / "results.json"))
+  assert results["num_steps"] == 2 and results["frozen_hash"].startswith("fp1:")
+  assert results["params_trained"] < results["params_total"]  # LP: the backbone is frozen
+  # It read the shipped copy of the checkpoint, not this checkout's.
+  probe = subprocess.run(
+      [sys.executable, "-S", "-c", "import levi_jax; from levi_jax.data import paths; "
+       "print(paths.shipped_path('experiments/checkpoints/synthetic_t5_small'))"],
+      cwd="/", env=env, capture_output=True, text=True, timeout=120)
+  assert probe.stdout.strip() == str(installed / "demo_checkpoint"), probe.stderr[-2000:]
+
+
 def test_filtered_stderr_drops_noise_and_keeps_the_rest(capfd):
   with quiet.filtered_stderr(("oneDNN custom operations",)):
     os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on.\n")

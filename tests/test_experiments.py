@@ -18,7 +18,7 @@ import pretrain_synthetic  # noqa: E402
 import sweep  # noqa: E402
 
 from levi_jax import checkpointing, demo, gin_utils, pretrained  # noqa: E402
-from levi_jax.data import synthetic  # noqa: E402
+from levi_jax.data import paths, synthetic  # noqa: E402
 
 CHECKPOINT = os.path.join(ROOT, "experiments", "checkpoints", "synthetic_t5_small")
 TINY = ["trainer.ModelConfig.backbone_overrides = {'emb_dim': 16, 'num_heads': 2, "
@@ -299,7 +299,7 @@ def test_demo_gin_uses_the_committed_checkpoint(tmp_path, monkeypatch):
   gin_utils.parse(["experiments/demo.gin"], ["MODEL_DIR = '/unused'"],
                   gin_utils.GIN_SEARCH_PATHS)
   path = gin.query_parameter("%INITIAL_CHECKPOINT_PATH")
-  assert demo.resolve_repo_path(path) == CHECKPOINT
+  assert paths.shipped_path(path) == CHECKPOINT
   assert "pre-trained, from experiments/checkpoints/synthetic_t5_small" == demo.backbone_note()
   assert gin.query_parameter("%BACKBONE") == manifest["backbone"]
   assert gin.query_parameter("trainer.ModelConfig.backbone_overrides") == \

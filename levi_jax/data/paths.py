@@ -24,6 +24,40 @@ import importlib.metadata
 import importlib.util
 import os
 
+# Files that ship inside the installed package (setup.py's SHIPPED), by the
+# path the source tree and the gin files give them -> their folder in levi_jax/.
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCE_ROOT = os.path.dirname(PACKAGE_DIR)
+SHIPPED = {"gin": "gin", "experiments/checkpoints/synthetic_t5_small": "demo_checkpoint"}
+
+
+def shipped_dir(name: str) -> str:
+  """The folder of a shipped file tree (`SHIPPED`) in this installation: inside
+  the package (a `pip install .`), else in the source checkout (editable)."""
+  inside = os.path.join(PACKAGE_DIR, SHIPPED[name])
+  return inside if os.path.isdir(inside) else os.path.join(SOURCE_ROOT, name)
+
+
+def shipped_path(path: str | None) -> str | None:
+  """A path as gin files write it (relative to the source tree), found from any directory.
+
+  As given if it exists from here or is absolute; else, if it is (inside) a
+  shipped tree, that tree's copy in this installation (`shipped_dir`); else
+  under the source checkout levi_jax was imported from; else unchanged (the
+  reader's error then names it).
+  """
+  if not path or os.path.isabs(path) or os.path.exists(path) or "://" in path:
+    return path
+  norm = os.path.normpath(path)
+  for name in SHIPPED:
+    if norm == name or norm.startswith(name + os.sep):
+      candidate = os.path.join(shipped_dir(name), os.path.relpath(norm, name))
+      if os.path.exists(candidate):
+        return os.path.normpath(candidate)
+  candidate = os.path.join(SOURCE_ROOT, norm)
+  return candidate if os.path.exists(candidate) else path
+
+
 DATA_DIR_ENV = "LEVI_DATA_DIR"
 CACHE_DIR_ENV = "LEVI_CACHE_DIR"
 TFDS_PREFIX = "tfds"
