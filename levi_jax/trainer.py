@@ -309,8 +309,12 @@ def train(
     model_dir: where checkpoints, metrics.jsonl, TensorBoard events and
       results.json go.
     model, data, optimizer, loss, loop, checkpoint, mesh: configs.
-    initial_checkpoint_path: pretrained backbone weights (a directory written
-      by `checkpointing.save_tree`); restores only the backbone subtree.
+    initial_checkpoint_path: pretrained backbone weights: a tree written by
+      `checkpointing.save_tree` (the committed demo backbone), a Hugging Face
+      T5 folder or a T5X checkpoint (`pretrained.read_backbone`); only the
+      backbone subtree is restored, and its vocabulary tokenizes `inputs`
+      (`backbone_vocabulary`). A relative path not found from here is looked
+      up among the files shipped with levi_jax (`paths.shipped_path`).
     task_data: in-memory splits; default: loaded from `data.task`.
     eval_only: restore a checkpoint of MODEL_DIR (the latest, or
       `restore_step`), evaluate it and write `eval_results.json`; no training.

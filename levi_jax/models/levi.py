@@ -1,6 +1,7 @@
 """LEVI: a layer-wise ensemble of a frozen backbone and a small task model.
 
-What the paper states [paper] and what we chose [ours] (see shared PAPER.md):
+What the paper (Roh et al., "LEVI: Generalizable Fine-tuning via Layer-wise
+Ensemble of Different Views", ICML 2024) states [paper] and what we chose [ours]:
 
 * [paper] A large pre-trained model is adaptively ensembled, layer-wise, with
   a small task-specific model trained from scratch; the backbone is frozen by
@@ -24,7 +25,7 @@ What the paper states [paper] and what we chose [ours] (see shared PAPER.md):
     small model to the fusion MLP. This is the closer reading of "layer-wise
     ensemble ... across multiple intermediate representations": the views meet
     at several depths, not only at the end. The paper's text supports both
-    readings; it gives no equations (PAPER.md).
+    readings; it gives no equations for the join.
 * [ours] Loss: the task loss on the fused output; optional auxiliary heads
   (one linear head per view) add `aux_weight` x their task losses. Default
   off, because the paper describes one shared loss.
