@@ -198,8 +198,23 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Finishes the save in flight (so it is committed, not left as a temporary
+    folder) and closes the manager; idempotent."""
+    if self.manager is None:
+      return
+    try:
+      self.manager.wait_until_finished()
+    finally:
+      self.manager.close()
+      self.manager = None
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc_info):
+    # Also on an error or Ctrl-C: an async save still running would otherwise
+    # be cut off at interpreter shutdown, losing the newest checkpoint.
+    self.close()
 
 
 def save_tree(path: str, tree: Any):

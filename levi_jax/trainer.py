@@ -277,13 +277,18 @@ def _require_filesystem_path(what: str, path: str | None):
         f"`gcsfuse --implicit-dirs BUCKET /gcs/BUCKET`) and pass the mounted path.")
 
 
-def _finite_or_raise(metrics: Mapping[str, Any], step: int, last_ok: int, model_dir: str):
+def _finite_or_raise(metrics: Mapping[str, Any], step: int, last_ok: int, model_dir: str,
+                     ckpt: checkpointing.Checkpointer):
   loss = float(metrics["loss"])
   if not math.isfinite(loss) or not math.isfinite(float(metrics["grad_norm"])):
+    ckpt.wait()  # the save in flight is committed before we stop
+    kept = ckpt.latest_step()
     raise FloatingPointError(
         f"non-finite training loss ({loss}) at step {step} (the previous check passed at "
-        f"step {last_ok}); stopping without saving. The last good checkpoint in "
-        f"{model_dir} is kept: lower the learning rate or check the data, then resume.")
+        f"step {last_ok}); stopping without saving. "
+        + (f"The last good checkpoint, step {kept}, is kept in {model_dir}/checkpoints: "
+           "lower the learning rate or check the data, then resume from it."
+           if kept is not None else f"No checkpoint had been saved in {model_dir} yet."))
 
 
 # ------------------------------------------------------------------------------
@@ -428,7 +433,8 @@ def train(
     start_step = int(meta["step"])
     log.info("resuming from step %d in %s", start_step, model_dir)
 
-  with jax.set_mesh(device_mesh):
+  # Leaving this block, also by an error, commits the save in flight (ckpt.close).
+  with jax.set_mesh(device_mesh), ckpt:
     params, param_shardings = partitioning.sharded_init(init_params, device_mesh, rules)
     params = load_initial(params)  # loaded leaves go straight into their shardings
     tap_stats = None
@@ -509,7 +515,7 @@ def train(
         eval_now = is_last or (loop.eval_every and done % loop.eval_every == 0)
         if done % loop.log_every == 0 or save_now or eval_now:
           metrics = jax.device_get(metrics)
-          _finite_or_raise(metrics, done, last_ok, model_dir)
+          _finite_or_raise(metrics, done, last_ok, model_dir, ckpt)
           last_ok, last_loss = done, float(metrics["loss"])
           metric_log.write(done, {f"train/{k}": float(v) for k, v in metrics.items()})
           progress.update(done, last_loss)

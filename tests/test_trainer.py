@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,6 +128,36 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert steps, "no good checkpoint was kept"
   state = ocp.StandardCheckpointer().restore(str(tmp_path / "checkpoints" / str(max(steps))
                                                  / "state"))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+
+
+@pytest.mark.slow
+def test_nan_stop_with_async_saves_commits_the_last_checkpoint(tmp_path):
+  """The default async saves: the save in flight when the loss turns NaN is
+  committed before the process exits, and the error (the last thing printed)
+  names the step kept."""
+  code = (
+      "import sys; sys.path.insert(0, %r)\n"
+      "from test_trainer import run\n"
+      "from levi_jax import trainer\n"
+      "from levi_jax.checkpointing import CheckpointConfig\n"
+      "from levi_jax.optim import OptimizerConfig\n"
+      "run(%r, 'scratch', steps=40, optimizer=OptimizerConfig(name='sgd', learning_rate=1e12,"
+      " clip_norm=None, schedule='constant'), loop=trainer.LoopConfig(num_steps=40, log_every=1),"
+      " checkpoint=CheckpointConfig(every_steps=1, async_save=True))\n"
+  ) % (os.path.dirname(os.path.abspath(__file__)), str(tmp_path))
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode != 0
+  last = out.stderr.strip().splitlines()[-1]
+  kept = re.search(r"FloatingPointError: non-finite training loss .* The last good "
+                   r"checkpoint, step (\d+), is kept", last)
+  assert kept, out.stderr[-2000:]
+  ckpts = tmp_path / "checkpoints"
+  assert not [p.name for p in ckpts.iterdir() if "tmp" in p.name]
+  steps = checkpointing.Checkpointer(str(ckpts)).all_steps()
+  assert max(steps) == int(kept.group(1))
+  state = ocp.StandardCheckpointer().restore(str(ckpts / kept.group(1) / "state"))
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
 
 
