@@ -181,6 +181,10 @@ def make_method(
 
   fusion_hidden = tuple(fusion_hidden)
   frozen_backbone = (BACKBONE,)
+  if name.startswith("levi") and not tuple(taps):
+    raise ValueError(f"method {name!r} with taps=(): LEVI without backbone taps is the small "
+                     "model alone (use method 'scratch' for that); give at least one tap, "
+                     "e.g. taps=('middle', -1)")
 
   def levi(freeze: bool) -> LeviModel:
     return LeviModel(backbone=backbone, task_net=task_net, taps=tuple(taps),

@@ -334,10 +334,18 @@ def train(
                      ("INITIAL_CHECKPOINT_PATH", initial_checkpoint_path),
                      ("PretrainedConfig.path", model.pretrained and model.pretrained.path)):
     _require_filesystem_path(what, path)
-  os.makedirs(model_dir, exist_ok=True)
   # --- Mesh -------------------------------------------------------------------
   device_mesh = partitioning.make_mesh(mesh)
   rules = partitioning.rules_for(mesh)
+  for what, size in (("DataConfig.batch_size", data.batch_size),
+                     ("DataConfig.eval_batch_size", data.eval_batch_size)):
+    if size % device_mesh.shape[partitioning.DATA]:
+      raise ValueError(
+          f"{what} = {size} does not split over the mesh: its data axis has "
+          f"{device_mesh.shape[partitioning.DATA]} shards ({jax.device_count()} devices, "
+          f"{jax.process_count()} processes); use a multiple of "
+          f"{device_mesh.shape[partitioning.DATA]}")
+  os.makedirs(model_dir, exist_ok=True)
 
   # --- Pretrained backbone (module, weights, vocabulary) ------------------------
   pretrained = None

@@ -214,6 +214,19 @@ def put_backbone_report(mesh, rules) -> dict:
   return out
 
 
+def bad_batch_report(model_dir: str) -> dict:
+  """`trainer.train` with a batch the 8-way data axis can't split: the error, and
+  whether anything was written first."""
+  from levi_jax import trainer
+  from trainer_fixtures import task_data
+  try:
+    trainer.train(model_dir, data=trainer.DataConfig(batch_size=12), task_data=task_data(),
+                  mesh=partitioning.MeshConfig(8, 1))
+  except ValueError as e:
+    return {"error": str(e), "written": os.path.exists(model_dir)}
+  return {"error": None, "written": os.path.exists(model_dir)}
+
+
 def meshes(out_dir: str, name: str):
   """One method's 8-device checks; arrays to `{name}.npz`, the rest to `{name}.json`.
 
@@ -234,6 +247,7 @@ def meshes(out_dir: str, name: str):
     arrays.update({f"{tag}/{name}/{k}": v for k, v in got.items()})
     report[f"{tag}/{name}"] = info
   if name == "levi":
+    report["bad_batch"] = bad_batch_report(os.path.join(out_dir, "bad_batch"))
     cfg = partitioning.MeshConfig(2, 4, True)
     report["put_backbone"] = put_backbone_report(partitioning.make_mesh(cfg, devices),
                                                  partitioning.rules_for(cfg))

@@ -124,6 +124,13 @@ def test_bfloat16_activations_keep_float32_params():
   assert t5.T5Encoder(cfg).apply(variables, tokens).final.dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("name", ["levi", "levi_ft", "levi_lora"])
+def test_levi_without_taps_is_an_error(name):
+  with pytest.raises(ValueError, match="taps=\\(\\): LEVI without backbone taps"):
+    methods.make_method(name, backbone=t5.T5Encoder(t5.preset("t5_1_1_tiny")),
+                        task_net=FeatureTower(FEATS, embed_dim=4, hidden=(8,)), taps=())
+
+
 def test_resolve_taps():
   assert resolve_taps(("middle", -1), 8) == (3, 7)
   assert resolve_taps((0, -8, "final", 7, -1), 8) == (0, "final", 7)

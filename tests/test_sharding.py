@@ -134,6 +134,14 @@ def test_fingerprint_is_the_same_on_every_mesh(meshes, name):
 
 
 @pytest.mark.slow
+def test_a_batch_the_mesh_cannot_split_fails_before_anything_is_written(meshes):
+  got = meshes[1]["bad_batch"]
+  assert got["error"] and not got["written"], got
+  assert "DataConfig.batch_size = 12 does not split over the mesh" in got["error"]
+  assert "8 shards (8 devices, 1 processes); use a multiple of 8" in got["error"]
+
+
+@pytest.mark.slow
 def test_pretrained_backbone_goes_straight_into_its_shardings(meshes):
   """`put_backbone` on the 2x4 FSDP mesh: each device gets only its shard of a
   host weight. (CPU devices report no memory statistics, so the host reads
