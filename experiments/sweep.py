@@ -500,8 +500,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="fit and report the classical references only (no training)")
   p.add_argument("--restrict", default="",
                  help="run some methods on part of the grid only, e.g. 'ft=gender_m_to_f,"
-                      "time_later@0;lora=gender_m_to_f' (shifts, then @seeds); for expensive "
-                      "methods on a CPU")
+                      "time_later@0;levi_aux=gender_m_to_f' (a run, as named in the runs folder: "
+                      "shifts, then @seeds); for expensive methods on a CPU")
   p.add_argument("--keep_checkpoints", action="store_true")
   p.add_argument("--runs_dir", default="",
                  help="where each run's MODEL_DIR and the tap cache go (default OUT/runs); "
@@ -536,11 +536,13 @@ def parse_lr_grid(text: str, methods: Sequence[str]) -> dict[str, list[float]]:
   return {m: grid.get(m, grid.get("default", [])) for m in methods}
 
 
-def parse_restrict(text: str, methods: Sequence[str]
+def parse_restrict(text: str, run_names: Sequence[str]
                    ) -> dict[str, tuple[set[str], set[int] | None]]:
-  """'ft=gender_m_to_f,time_later@0,1;lora=time_later' -> {method: (shifts, seeds or None)}.
+  """'ft=gender_m_to_f,time_later@0,1;levi_aux=time_later' -> {run: (shifts, seeds or None)}.
 
-  A shift is named without or with its dataset; methods not named run everywhere.
+  Runs are named as in the runs folder: the method (`ft`), or a variant column's
+  run (`levi_layerwise`, `levi_aux`). A shift is named without or with its
+  dataset; runs not named run everywhere.
   """
   out: dict[str, tuple[set[str], set[int] | None]] = {}
   for part in text.split(";"):
@@ -548,11 +550,11 @@ def parse_restrict(text: str, methods: Sequence[str]
       continue
     name, eq, rest = part.partition("=")
     name = name.strip()
-    if not eq or name not in COLUMNS.values():
-      raise ValueError(f"--restrict {text!r}: expected METHOD=SHIFT,...[@SEED,...] with a "
-                       f"method of {sorted(set(COLUMNS.values()))}; got {part!r}")
-    if name not in methods:
-      raise ValueError(f"--restrict: {name!r} is not a method of this sweep ({list(methods)})")
+    if not eq:
+      raise ValueError(f"--restrict {text!r}: expected RUN=SHIFT,...[@SEED,...]; got {part!r}")
+    if name not in run_names:
+      raise ValueError(f"--restrict: {name!r} is not a run of this sweep; expected one of "
+                       f"{list(run_names)}")
     shifts, _, seeds = rest.partition("@")
     out[name] = (set(runs.parse_list(shifts)),
                  set(runs.parse_list(seeds, int)) if seeds.strip() else None)
@@ -561,12 +563,12 @@ def parse_restrict(text: str, methods: Sequence[str]
   return out
 
 
-def restricted_out(restrict: Mapping[str, tuple[set[str], set[int] | None]], method: str,
+def restricted_out(restrict: Mapping[str, tuple[set[str], set[int] | None]], run_name: str,
                    task: str, seed: int) -> bool:
-  """Whether `--restrict` leaves (method, task, seed) out of the grid."""
-  if method not in restrict:
+  """Whether `--restrict` leaves (run, task, seed) out of the grid."""
+  if run_name not in restrict:
     return False
-  shifts, seeds = restrict[method]
+  shifts, seeds = restrict[run_name]
   return (task not in shifts and task.split(".", 1)[1] not in shifts) or (
       seeds is not None and seed not in seeds)
 
@@ -646,7 +648,7 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     plan.setdefault(name, (method, extra, []))[2].append(c)
   methods = list(dict.fromkeys(m for m, _, _ in plan.values()))
   grid = parse_lr_grid(args.lr_grid, methods)
-  restrict = parse_restrict(args.restrict, methods)
+  restrict = parse_restrict(args.restrict, list(plan))
   for method, (shifts_of, _) in restrict.items():
     unknown = {x for x in shifts_of if x not in tasks and not any(
         t.split(".", 1)[1] == x for t in tasks)}
@@ -660,7 +662,8 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
   cache = "" if args.no_tap_cache else os.path.join(runs_dir, "tap_cache")
   all_records = []
   total = sum(len(grid[m]) or 1 for task in tasks for seed in args.seeds
-              for m, _, _ in plan.values() if not restricted_out(restrict, m, task, seed))
+              for name, (m, _, _) in plan.items()
+              if not restricted_out(restrict, name, task, seed))
   k = 0
   for task in tasks:
     steps, schedule = args.steps, []
@@ -670,7 +673,7 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
                   f"{max(1, steps // max(1, round(args.epochs * args.evals_per_epoch)))}"]
     for seed in args.seeds:
       for run_name, (method, variant, run_columns) in plan.items():
-        if restricted_out(restrict, method, task, seed):
+        if restricted_out(restrict, run_name, task, seed):
           continue
         for lr in grid[method] or [None]:
           k += 1

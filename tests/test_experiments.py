@@ -131,9 +131,11 @@ def test_sweep_restrict_runs_a_method_on_part_of_the_grid(tmp_path, world):
   methods = ["lp", "scratch"]
   assert sweep.parse_restrict("scratch=gender_m_to_f,time_later@0", methods) == {
       "scratch": ({"gender_m_to_f", "time_later"}, {0})}
-  with pytest.raises(ValueError, match="not a method of this sweep"):
+  assert sweep.parse_restrict("levi_aux=time_later", ["levi", "levi_aux"]) == {
+      "levi_aux": ({"time_later"}, None)}  # a variant column's run, by its name
+  with pytest.raises(ValueError, match="not a run of this sweep"):
     sweep.parse_restrict("ft=gender_m_to_f", methods)
-  with pytest.raises(ValueError, match="METHOD=SHIFT"):
+  with pytest.raises(ValueError, match="RUN=SHIFT"):
     sweep.parse_restrict("scratch", methods)
   argv = ["--out", str(tmp_path), "--shifts", "gender_m_to_f", "--seeds", "0,1",
           "--columns", "LP,Scratch", "--backbone", "random", "--data_dir", world,
