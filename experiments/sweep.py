@@ -649,11 +649,13 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
   methods = list(dict.fromkeys(m for m, _, _ in plan.values()))
   grid = parse_lr_grid(args.lr_grid, methods)
   restrict = parse_restrict(args.restrict, list(plan))
-  for method, (shifts_of, _) in restrict.items():
-    unknown = {x for x in shifts_of if x not in tasks and not any(
-        t.split(".", 1)[1] == x for t in tasks)}
+  from levi_jax.data import pipeline
+  known = pipeline.task_names()  # a restriction may name shifts another invocation runs
+  for name, (shifts_of, _) in restrict.items():
+    unknown = {x for x in shifts_of if x not in known and not any(
+        t.split(".", 1)[1] == x for t in known)}
     if unknown:
-      raise ValueError(f"--restrict: {method} names shifts not in the grid: {sorted(unknown)}")
+      raise ValueError(f"--restrict: {name} names unknown shifts: {sorted(unknown)}")
   batch_size = None
   if args.epochs:
     runs.parse_base(args.gin_file, args.gin)

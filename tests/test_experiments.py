@@ -144,8 +144,8 @@ def test_sweep_restrict_runs_a_method_on_part_of_the_grid(tmp_path, world):
   ran = sorted((r["column"], r["seed"]) for r in result["all_records"])
   assert ran == [("LP", 0), ("LP", 1), ("Scratch", 1)]
   assert "restricted: 'scratch=movielens_100k.gender_m_to_f@1'" in result["markdown"]
-  bad = sweep.parse_args([*argv[:-len(TINY_ARGS) - 4], "--restrict", "scratch=time_later"])
-  with pytest.raises(ValueError, match="names shifts not in the grid: \\['time_later'\\]"):
+  bad = sweep.parse_args([*argv[:-len(TINY_ARGS) - 4], "--restrict", "scratch=time_latr"])
+  with pytest.raises(ValueError, match="names unknown shifts: \\['time_latr'\\]"):
     sweep.run(bad, "cmd")
 
 
