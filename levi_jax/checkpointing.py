@@ -217,6 +217,97 @@ class Checkpointer:
     self.close()
 
 
+class ModelDirLockedError(RuntimeError):
+  """Another live process is training in this MODEL_DIR."""
+
+
+class ModelDirLock:
+  """`MODEL_DIR/train.lock`: one training process per MODEL_DIR.
+
+  The lock file records the holder's host, pid and start time. Acquiring fails
+  at once, naming the holder, while a live process on this host (or any process
+  on another host: its liveness can't be checked from here) holds it; a lock
+  left by a dead process on this host is taken over with a warning; one held
+  by this process (an earlier call that stopped on an error) is simply reused.
+  Released by `release()` or at interpreter exit.
+  """
+
+  NAME = "train.lock"
+
+  def __init__(self, model_dir: str):
+    self.path = os.path.join(os.path.abspath(model_dir), self.NAME)
+    self.held = False
+
+  def _holder(self) -> dict | None:
+    try:
+      with open(self.path) as f:
+        return json.load(f)
+    except FileNotFoundError:
+      return None
+    except (OSError, ValueError):
+      return {"host": "?", "pid": -1, "unreadable": True}
+
+  def acquire(self):
+    import atexit
+    import socket
+    import time
+    import logging
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+    for _ in range(3):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        holder = self._holder()
+        if holder is None:
+          continue  # released meanwhile
+        same_host = holder.get("host") == me["host"]
+        pid = int(holder.get("pid", -1))
+        if same_host and pid == me["pid"]:
+          break  # ours, from an earlier call of this process
+        if (same_host and not _pid_alive(pid)) or holder.get("unreadable"):
+          logging.getLogger("levi_jax").warning(
+              "taking over %s: its holder (host %s, pid %s) is not running", self.path,
+              holder.get("host"), pid)
+          os.remove(self.path)
+          continue
+        raise ModelDirLockedError(
+            f"MODEL_DIR {os.path.dirname(self.path)} is in use by another training process "
+            f"(host {holder.get('host')}, pid {pid}, since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('since', 0)))}); "
+            "wait for it, stop it, or use another MODEL_DIR. If that process is gone (another "
+            f"host), delete {self.path}.")
+      else:
+        with os.fdopen(fd, "w") as f:
+          json.dump(me, f)
+        break
+    else:
+      raise ModelDirLockedError(f"could not take the lock {self.path}")
+    self.held = True
+    atexit.register(self.release)
+
+  def release(self):
+    if self.held:
+      holder = self._holder()
+      if holder and holder.get("pid") == os.getpid():
+        try:
+          os.remove(self.path)
+        except FileNotFoundError:
+          pass
+      self.held = False
+
+
+def _pid_alive(pid: int) -> bool:
+  if pid <= 0:
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, another user's
+    return True
+  return True
+
+
 def save_tree(path: str, tree: Any):
   """Writes a params tree as a standalone orbax checkpoint (synchronously)."""
   with ocp.StandardCheckpointer() as ckptr:

@@ -346,6 +346,10 @@ def train(
           f"{jax.process_count()} processes); use a multiple of "
           f"{device_mesh.shape[partitioning.DATA]}")
   os.makedirs(model_dir, exist_ok=True)
+  lock = None
+  if not eval_only and jax.process_index() == 0:  # one training job per MODEL_DIR
+    lock = checkpointing.ModelDirLock(model_dir)
+    lock.acquire()
 
   # --- Pretrained backbone (module, weights, vocabulary) ------------------------
   pretrained = None
@@ -599,4 +603,6 @@ def train(
     name = "eval_results.json" if eval_only else "results.json"
     with open(os.path.join(model_dir, name), "w") as f:
       json.dump(results, f, indent=2)
+  if lock is not None:
+    lock.release()
   return results

@@ -161,6 +161,32 @@ def test_nan_stop_with_async_saves_commits_the_last_checkpoint(tmp_path):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
 
 
+def test_model_dir_is_locked_by_the_training_process(tmp_path, caplog):
+  import socket
+  lock_file = tmp_path / checkpointing.ModelDirLock.NAME
+  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    tmp_path.mkdir(exist_ok=True)
+    lock_file.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+                                     "since": time.time()}))
+    with pytest.raises(checkpointing.ModelDirLockedError,
+                       match=f"in use by another training process .*pid {holder.pid}"):
+      run(tmp_path, "scratch", steps=2)
+    assert not (tmp_path / "checkpoints").exists() and lock_file.exists()
+  finally:
+    holder.kill()
+    holder.wait()
+  # The holder is gone: its lock is taken over with a warning, and released at the end.
+  with caplog.at_level("WARNING", logger="levi_jax"):
+    run(tmp_path, "scratch", steps=2)
+  assert f"pid {holder.pid}) is not running" in caplog.text
+  assert not lock_file.exists() and (tmp_path / "results.json").exists()
+  # A lock on another host can't be checked for liveness: an error naming the file.
+  lock_file.write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": 0}))
+  with pytest.raises(checkpointing.ModelDirLockedError, match="host elsewhere.*delete"):
+    run(tmp_path, "scratch", steps=4)
+
+
 def test_initial_checkpoint_shape_mismatch_is_listed(tmp_path):
   other = trainer.build_method(trainer.ModelConfig(
       method="lp", backbone_overrides={"emb_dim": 12}, **SMALL), task_data())
