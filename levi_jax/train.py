@@ -29,8 +29,10 @@ def main(argv):
   logging.getLogger("levi_jax").setLevel(logging.INFO)
   gin_utils.parse(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
   model_dir = gin_utils.model_dir()
-  gin_utils.write_operative_config(model_dir, "config.gin")
-  results = gin_utils.call(trainer.train)
+  # config.gin is written once the trainer accepts the start (a rejected one, e.g.
+  # another model's MODEL_DIR, leaves the run's record as it was).
+  results = gin_utils.call(
+      trainer.train, on_start=lambda: gin_utils.write_operative_config(model_dir, "config.gin"))
   gin_utils.write_operative_config(model_dir, "operative_config.gin", operative=True)
   print(json.dumps(results["metrics"], indent=2))
 

@@ -14,13 +14,14 @@ would have, and the per-step dropout key is `fold_in(rng, step)`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import re
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -277,6 +278,19 @@ def _require_filesystem_path(what: str, path: str | None):
         f"`gcsfuse --implicit-dirs BUCKET /gcs/BUCKET`) and pass the mounted path.")
 
 
+def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> str:
+  """'optimizer.learning_rate: 0.001 -> 0.01; batch_size: 16 -> 32' for the fields that differ."""
+  parts = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k), new.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      sub = _config_diff(a, b, f"{prefix}{k}.")
+      parts += [sub] if sub else []
+    elif a != b:
+      parts.append(f"{prefix}{k}: {a!r} (checkpoint) -> {b!r} (this run)")
+  return "; ".join(parts)
+
+
 def _finite_or_raise(metrics: Mapping[str, Any], step: int, last_ok: int, model_dir: str,
                      ckpt: checkpointing.Checkpointer):
   loss = float(metrics["loss"])
@@ -294,6 +308,23 @@ def _finite_or_raise(metrics: Mapping[str, Any], step: int, last_ok: int, model_
 # ------------------------------------------------------------------------------
 # The trainer.
 # ------------------------------------------------------------------------------
+_HELD_LOCKS: list[checkpointing.ModelDirLock] = []
+
+
+def _releases_model_dir_lock(fn):
+  """`train` holds MODEL_DIR's lock until it returns or raises (a rejected start too)."""
+  @functools.wraps(fn)  # gin reads the signature through __wrapped__
+  def wrapper(*args, **kwargs):
+    held = len(_HELD_LOCKS)
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      while len(_HELD_LOCKS) > held:
+        _HELD_LOCKS.pop().release()
+  return wrapper
+
+
+@_releases_model_dir_lock
 def train(
     model_dir: str,
     model: ModelConfig = ModelConfig(),
@@ -307,6 +338,7 @@ def train(
     task_data: TaskData | None = None,
     eval_only: bool = False,
     restore_step: int | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
   """Trains (or resumes) one method on one task; returns the results dict.
 
@@ -324,6 +356,9 @@ def train(
     eval_only: restore a checkpoint of MODEL_DIR (the latest, or
       `restore_step`), evaluate it and write `eval_results.json`; no training.
     restore_step: with eval_only, which checkpoint step to evaluate.
+    on_start: called once the start is accepted (MODEL_DIR locked, a checkpoint
+      to resume matches this run), before anything else is written: e.g.
+      writing the run's config.gin, which a rejected start must not overwrite.
   """
   t_start = time.time()
   from levi_jax.data import paths
@@ -350,6 +385,7 @@ def train(
   if not eval_only and jax.process_index() == 0:  # one training job per MODEL_DIR
     lock = checkpointing.ModelDirLock(model_dir)
     lock.acquire()
+    _HELD_LOCKS.append(lock)
 
   # --- Pretrained backbone (module, weights, vocabulary) ------------------------
   pretrained = None
@@ -402,6 +438,11 @@ def train(
       {"model": dataclasses.asdict(model), "features": [dataclasses.asdict(f) for f in
                                                         task_data.features],
        "vocab": task_data.vocab_size, "num_outputs": num_outputs})
+  # What the training trajectory depends on besides the model; a resume must match it.
+  trajectory = json.loads(json.dumps(
+      {"optimizer": dataclasses.asdict(optimizer), "loss": dataclasses.asdict(loss),
+       "batch_size": data.batch_size, "seq_length": data.seq_length, "data_seed": data.seed,
+       "task": data.task, "seed": loop.seed, "num_steps": loop.num_steps}, default=str))
   rng = jax.random.PRNGKey(loop.seed)
   init_rng, dropout_rng = jax.random.split(rng)
   bounds = stage_bounds(method, loop.num_steps)
@@ -442,8 +483,17 @@ def train(
           f"MODEL_DIR {model_dir} holds a checkpoint (step {latest}) of a different model "
           f"or data (fingerprint {meta['fingerprint']}, this run {fingerprint}; saved "
           f"config: {meta['model']}). Use a new MODEL_DIR or the original config.")
+    saved = meta.get("trajectory")  # absent in checkpoints written before it was recorded
+    if not eval_only and saved is not None and saved != trajectory:
+      diff = _config_diff(saved, trajectory)
+      raise ValueError(
+          f"MODEL_DIR {model_dir} holds a checkpoint (step {latest}) trained with other "
+          f"settings; resuming would not continue that run: {diff}. Use the original "
+          "settings, or a new MODEL_DIR.")
     start_step = int(meta["step"])
     log.info("resuming from step %d in %s", start_step, model_dir)
+  if on_start is not None:
+    on_start()
 
   # Leaving this block, also by an error, commits the save in flight (ckpt.close).
   with jax.set_mesh(device_mesh), ckpt:
@@ -547,6 +597,7 @@ def train(
                            "opt_state": state.opt_state},
                     {"step": done, "stage": stage_idx, "fingerprint": fingerprint,
                      "frozen_hash": frozen_hash, "frozen_source": frozen_source,
+                     "trajectory": trajectory,
                      "model": dataclasses.asdict(model), "method": method.name},
                     ckpt_metrics)
       progress.close()
@@ -603,6 +654,4 @@ def train(
     name = "eval_results.json" if eval_only else "results.json"
     with open(os.path.join(model_dir, name), "w") as f:
       json.dump(results, f, indent=2)
-  if lock is not None:
-    lock.release()
   return results

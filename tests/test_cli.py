@@ -119,6 +119,12 @@ def test_train_then_eval_command_lines(tmp_path):
   bad = _cli("levi_jax.train", *common, f"--gin.MODEL_DIR='{tmp_path}/x'",
              "--gin.trainer.ModelConfig.adapter_dimm=3")
   assert bad.returncode != 0 and "adapter_dimm" in bad.stderr
+  # Another method in this MODEL_DIR is refused, and the run's record is left as it was.
+  record = (tmp_path / "config.gin").read_text()
+  other = _cli("levi_jax.train", "--gin_file=runs/train.gin", "--gin_file=methods/ft.gin",
+               *common[2:], f"--gin.MODEL_DIR='{tmp_path}'")
+  assert other.returncode != 0 and "of a different model" in other.stderr
+  assert (tmp_path / "config.gin").read_text() == record
 
 
 @pytest.mark.slow

@@ -117,6 +117,25 @@ def test_model_dir_with_another_model_fails_before_training(tmp_path):
     run(tmp_path, "ft", steps=4)
 
 
+def test_resume_with_other_training_settings_is_refused(tmp_path):
+  run(tmp_path, "scratch", steps=4, lr=3e-3,
+      checkpoint=CheckpointConfig(every_steps=2, async_save=False),
+      loop=trainer.LoopConfig(num_steps=2, log_every=1))
+  before = sorted(p.name for p in tmp_path.iterdir())
+  with pytest.raises(ValueError, match=r"trained with other settings.*"
+                     r"optimizer.learning_rate: 0.003 \(checkpoint\) -> 0.01 \(this run\)"):
+    run(tmp_path, "scratch", steps=4, lr=1e-2,
+        loop=trainer.LoopConfig(num_steps=2, log_every=1))
+  with pytest.raises(ValueError, match=r"batch_size: 16 \(checkpoint\) -> 32 \(this run\)"):
+    run(tmp_path, "scratch", steps=4, lr=3e-3, batch_size=32,
+        loop=trainer.LoopConfig(num_steps=2, log_every=1))
+  assert sorted(p.name for p in tmp_path.iterdir()) == before
+  # Evaluation needs only the same model: other training settings are fine there.
+  ev = run(tmp_path, "scratch", steps=4, lr=1e-2, eval_only=True,
+           loop=trainer.LoopConfig(num_steps=2, log_every=1))
+  assert ev["metrics"]["validation"]["rmse"] > 0
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   with pytest.raises(FloatingPointError, match=r"non-finite training loss .* at step (\d+)"):
     run(tmp_path, "scratch", steps=40,
