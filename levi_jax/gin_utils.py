@@ -75,7 +75,47 @@ def parse(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[
         raise ValueError(f"bad gin binding {b!r}: {e}") from e
   finally:
     root.setLevel(level)
+  unused = unused_macros()
+  if unused:
+    raise ValueError("gin macros bound but read by nothing (misspelled?): " + "; ".join(
+        f"{m}" + (f" (did you mean {', '.join(c)}?)" if c else "") for m, c in unused.items()))
   gin.finalize()
+
+
+# Macros our Python reads with `gin.query_parameter` (not only gin bindings).
+MACROS_READ_BY_CODE = frozenset({"MODEL_DIR", "CHECKPOINT_PATH", "INITIAL_CHECKPOINT_PATH",
+                                 "DATA_DIR", "BATCH_SIZE", "TRAIN_STEPS"})
+
+
+def _macro_refs(value, out: set[str]):
+  if isinstance(value, gin.config.ConfigurableReference):
+    if value.selector == "gin.macro":
+      out.add(repr(value).lstrip("%"))
+  elif isinstance(value, (list, tuple, set)):
+    for v in value:
+      _macro_refs(v, out)
+  elif isinstance(value, dict):
+    for v in value.values():
+      _macro_refs(v, out)
+
+
+def unused_macros(read_by_code=MACROS_READ_BY_CODE) -> dict[str, list[str]]:
+  """Macros bound in the parsed config that nothing reads: {name: close matches}.
+
+  A macro is read when a binding refers to it (`%NAME`, also from another
+  macro) or the code queries it (`read_by_code`). A misspelled macro
+  (`--gin.TRAIN_STEP=5`) is otherwise silently ignored.
+  """
+  import difflib
+  bound, refs = set(), set()
+  for (scope, selector), params in gin.config._CONFIG.items():  # pylint: disable=protected-access
+    if selector == "gin.macro":
+      bound.add(scope)
+    for v in params.values():
+      _macro_refs(v, refs)
+  known = refs | set(read_by_code)
+  return {m: difflib.get_close_matches(m, sorted(known), n=3)
+          for m in sorted(bound - known)}
 
 
 def call(fn: Callable, **kwargs):

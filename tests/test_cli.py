@@ -53,6 +53,18 @@ def test_missing_required_binding_is_named():
     gin_utils.parse(["runs/train.gin"], [], gin_utils.GIN_SEARCH_PATHS)
 
 
+def test_misspelled_macro_is_named_with_close_matches():
+  with pytest.raises(ValueError, match=r"read by nothing \(misspelled\?\): TRAIN_STEP "
+                                       r"\(did you mean TRAIN_STEPS"):
+    gin_utils.parse(["runs/train.gin"], ["MODEL_DIR = '/x'", "TRAIN_STEP = 5"],
+                    gin_utils.GIN_SEARCH_PATHS)
+  gin.clear_config()
+  # A macro read only through another macro, or by the code, is in use.
+  gin_utils.parse(["runs/train.gin"], ["MODEL_DIR = '/x'", "STEPS2 = 7", "TRAIN_STEPS = %STEPS2"],
+                  gin_utils.GIN_SEARCH_PATHS)
+  assert gin.query_parameter("trainer.LoopConfig.num_steps") is not None
+
+
 def test_missing_gin_file_is_named():
   with pytest.raises(FileNotFoundError, match="gin file 'runs/nope.gin' not found"):
     gin_utils.parse(["runs/nope.gin"], [], gin_utils.GIN_SEARCH_PATHS)
