@@ -4,6 +4,7 @@ import gzip
 import json
 import logging
 import os
+import re
 from unittest import mock
 
 import numpy as np
@@ -205,6 +206,17 @@ def test_amazon_2018_json_gzip_and_missing_fields(tmp_path):
   b01 = list(t.items["item_id"]).index("B01")
   assert item_text[b01] == ("product: Tom & Jerry Café Crème Headphones. category: Electronics > "
                             "Headphones > Over-Ear. brand: Sony. price: $1299.50.")
+
+
+def test_damaged_gzip_names_the_file(tmp_path):
+  from levi_jax.data.report import MalformedDataError
+  write_amazon_2018(str(tmp_path / "amazon_2018"))
+  gz = sorted((tmp_path / "amazon_2018").glob("*.json.gz"))[0]
+  data = gz.read_bytes()
+  gz.write_bytes(data[: len(data) // 2])  # a download cut short
+  with pytest.raises(MalformedDataError, match=rf"{re.escape(str(gz))}: the gzip stream is "
+                     "damaged after line \\d+ \\((EOFError|BadGzipFile|error)"):
+    datasets.load_table("amazon_2018", str(tmp_path))
 
 
 def test_amazon_us_tsv(tmp_path):

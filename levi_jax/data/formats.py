@@ -36,9 +36,11 @@ import json
 import os
 import re
 import time
+import zlib
 from typing import Any, Callable, Iterator
 
-from levi_jax.data.report import FileReport, LoadReport, missing_files_error
+from levi_jax.data.report import (FileReport, LoadReport, MalformedDataError,
+                                  missing_files_error)
 from levi_jax.data.table import RatingsTable, build_table
 
 # TFDS's label set for MovieLens genres (`movielens.py`).
@@ -101,9 +103,15 @@ def read_lines(path: str) -> Iterator[tuple[int, bytes]]:
   with open(path, "rb") as f:
     gz = f.read(2) == b"\x1f\x8b"
   opener: Callable[..., Any] = gzip.open if gz else open
-  with opener(path, "rb") as f:
-    for n, line in enumerate(f, 1):
-      yield n, line.rstrip(b"\r\n")
+  n = 0
+  try:
+    with opener(path, "rb") as f:
+      for n, line in enumerate(f, 1):
+        yield n, line.rstrip(b"\r\n")
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+    raise MalformedDataError(
+        f"{path}: the gzip stream is damaged after line {n} ({type(e).__name__}: {e}); "
+        "download the file again") from None
 
 
 def _rows(path: str, rep: FileReport, encoding: str, skip: int = 0,
