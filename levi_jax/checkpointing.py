@@ -35,11 +35,16 @@ class CheckpointConfig:
     every_steps: save period in steps (the last step is always saved).
     keep: how many of the latest checkpoints to keep (plus the best one).
     async_save: write in a background thread while training continues.
+    fallback_on_damage: when the newest checkpoint does not restore (a
+      truncated or missing file), move it aside to
+      `MODEL_DIR/damaged_checkpoints/` (never delete it) and resume from the
+      newest one that restores; False: stop with the error instead.
   """
 
   every_steps: int = 100
   keep: int = 2
   async_save: bool = True
+  fallback_on_damage: bool = True
 
   def __post_init__(self):
     if self.every_steps < 1 or self.keep < 1:
@@ -156,8 +161,30 @@ def check_frozen(frozen: Any, expected_hash: str, source: str):
         "the run started; restore the original source or start a new MODEL_DIR")
 
 
+class DamagedCheckpointError(RuntimeError):
+  """A checkpoint step that exists but does not restore."""
+
+  def __init__(self, directory: str, step: int, reason: BaseException):
+    self.directory, self.step = directory, step
+    self.path = os.path.join(directory, str(step))
+    super().__init__(f"checkpoint {self.path} does not restore: "
+                     f"{type(reason).__name__}: {str(reason)[:300]}")
+
+  def move_aside(self) -> str:
+    """Moves the step out of the checkpoints folder (kept, never deleted); returns where."""
+    import time
+    dest_dir = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+    os.makedirs(dest_dir, exist_ok=True)
+    dest = os.path.join(dest_dir, f"{self.step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(self.path, dest)
+    return dest
+
+
 class Checkpointer:
-  """Save/restore of (train state, metadata) in `directory`."""
+  """Save/restore of (train state, metadata) in `directory`.
+
+  `read_meta` and `restore` raise `DamagedCheckpointError` for a step whose
+  files do not restore."""
 
   def __init__(self, directory: str, cfg: CheckpointConfig = CheckpointConfig()):
     self.directory = os.path.abspath(directory)
@@ -186,13 +213,22 @@ class Checkpointer:
         metrics=dict(metrics) if metrics else None, force=True)
 
   def read_meta(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(
-        **{META: ocp.args.JsonRestore()}))[META]
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(
+          **{META: ocp.args.JsonRestore()}))[META]
+    except Exception as e:  # noqa: BLE001  (any storage error: the step is damaged)
+      raise DamagedCheckpointError(self.directory, step, e) from e
+    if not isinstance(meta, dict) or "step" not in meta:
+      raise DamagedCheckpointError(self.directory, step, ValueError(f"metadata {meta!r}"))
+    return meta
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Restores the state onto the shardings carried by `abstract_state`."""
-    return self.manager.restore(step, args=ocp.args.Composite(
-        **{STATE: ocp.args.StandardRestore(abstract_state)}))[STATE]
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(
+          **{STATE: ocp.args.StandardRestore(abstract_state)}))[STATE]
+    except Exception as e:  # noqa: BLE001
+      raise DamagedCheckpointError(self.directory, step, e) from e
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import logging
 import math
@@ -312,15 +313,30 @@ _HELD_LOCKS: list[checkpointing.ModelDirLock] = []
 
 
 def _releases_model_dir_lock(fn):
-  """`train` holds MODEL_DIR's lock until it returns or raises (a rejected start too)."""
+  """`train` holds MODEL_DIR's lock until it returns or raises (a rejected start too).
+
+  A training start whose newest checkpoint does not restore moves it aside and
+  starts again from the newest one that does (`CheckpointConfig.fallback_on_damage`).
+  """
   @functools.wraps(fn)  # gin reads the signature through __wrapped__
   def wrapper(*args, **kwargs):
-    held = len(_HELD_LOCKS)
-    try:
-      return fn(*args, **kwargs)
-    finally:
-      while len(_HELD_LOCKS) > held:
-        _HELD_LOCKS.pop().release()
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    cfg, eval_only = bound.arguments["checkpoint"], bound.arguments["eval_only"]
+    while True:
+      held = len(_HELD_LOCKS)
+      try:
+        return fn(*args, **kwargs)
+      except checkpointing.DamagedCheckpointError as e:
+        if eval_only or not cfg.fallback_on_damage:
+          raise
+        where = e.move_aside()
+        log.warning("%s; moved it to %s and resuming from the newest checkpoint that "
+                    "restores (CheckpointConfig.fallback_on_damage=False stops instead)", e,
+                    where)
+      finally:
+        while len(_HELD_LOCKS) > held:
+          _HELD_LOCKS.pop().release()
   return wrapper
 
 

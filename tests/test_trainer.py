@@ -136,6 +136,41 @@ def test_resume_with_other_training_settings_is_refused(tmp_path):
   assert ev["metrics"]["validation"]["rmse"] > 0
 
 
+def _damage(step_dir, how):
+  state = step_dir / "state"
+  if how == "truncated":
+    data = max((p for p in state.rglob("*") if p.is_file() and "d" in p.parent.name),
+               key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+  elif how == "missing_d":
+    import shutil
+    shutil.rmtree(state / "d")
+  else:
+    (state / "_METADATA").write_text("")
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing_d", "empty_metadata"])
+def test_damaged_newest_checkpoint_falls_back_and_is_kept_aside(tmp_path, how, caplog):
+  loop = trainer.LoopConfig(num_steps=4, log_every=1)
+  ckpt_cfg = CheckpointConfig(every_steps=2, keep=2, async_save=False)
+  run(tmp_path, "scratch", steps=4, loop=loop, checkpoint=ckpt_cfg)
+  (tmp_path / "results.json").unlink()
+  _damage(tmp_path / "checkpoints" / "4", how)
+  with pytest.raises(checkpointing.DamagedCheckpointError, match="checkpoints/4 does not restore"):
+    run(tmp_path, "scratch", steps=4, loop=loop,
+        checkpoint=CheckpointConfig(every_steps=2, keep=2, async_save=False,
+                                    fallback_on_damage=False))
+  assert (tmp_path / "checkpoints" / "4").exists()  # strict: nothing moved
+  with caplog.at_level("WARNING", logger="levi_jax"):
+    results = run(tmp_path, "scratch", steps=4, loop=loop, checkpoint=ckpt_cfg)
+  assert "checkpoints/4 does not restore" in caplog.text and "resuming from" in caplog.text
+  (aside,) = list((tmp_path / "damaged_checkpoints").iterdir())
+  assert aside.name.startswith("4-") and (aside / "state").exists()  # kept, not deleted
+  assert results["num_steps"] == 4 and sorted(
+      checkpointing.Checkpointer(str(tmp_path / "checkpoints")).all_steps()) == [2, 4]
+  assert [s for s, _ in logged(tmp_path)][-2:] == [3, 4]  # trained again from step 2
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   with pytest.raises(FloatingPointError, match=r"non-finite training loss .* at step (\d+)"):
     run(tmp_path, "scratch", steps=40,
