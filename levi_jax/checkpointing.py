@@ -186,7 +186,8 @@ class Checkpointer:
   `read_meta` and `restore` raise `DamagedCheckpointError` for a step whose
   files do not restore."""
 
-  def __init__(self, directory: str, cfg: CheckpointConfig = CheckpointConfig()):
+  def __init__(self, directory: str, cfg: CheckpointConfig = CheckpointConfig(),
+               read_only: bool = False):
     self.directory = os.path.abspath(directory)
     policy = pp.AnyPreservationPolicy([
         pp.LatestN(cfg.keep),
@@ -194,8 +195,9 @@ class Checkpointer:
                  keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, enable_async_checkpointing=cfg.async_save,
-        create=True)
+        preservation_policy=None if read_only else policy,
+        enable_async_checkpointing=cfg.async_save and not read_only,
+        create=not read_only, read_only=read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=(STATE, META))
 

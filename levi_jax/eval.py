@@ -2,7 +2,8 @@
 
 `--gin.CHECKPOINT_PATH` is a MODEL_DIR (its latest checkpoint) or one step's
 directory `MODEL_DIR/checkpoints/STEP`. Give the same model and task gin files
-as the training run. Writes `eval_results.json` into the MODEL_DIR.
+as the training run. Writes `eval_results.json` into `--output_dir` (default the
+MODEL_DIR) and nothing else: a read-only run folder can be evaluated.
 """
 
 import json
@@ -18,6 +19,7 @@ from levi_jax import gin_utils, trainer
 
 FLAGS = flags.FLAGS
 gin_utils.define_flags()
+flags.DEFINE_string("output_dir", None, "Where eval_results.json goes (default: the MODEL_DIR).")
 
 
 def split_checkpoint_path(path: str) -> tuple[str, int | None]:
@@ -42,7 +44,7 @@ def main(argv):
     raise ValueError("bind the checkpoint to evaluate: --gin.CHECKPOINT_PATH=\"'/path'\"")
   model_dir, step = split_checkpoint_path(path)
   results = gin_utils.call(trainer.train, model_dir=model_dir, eval_only=True,
-                           restore_step=step)
+                           restore_step=step, output_dir=FLAGS.output_dir)
   print(json.dumps(results["metrics"], indent=2))
 
 

@@ -17,8 +17,8 @@ log = logging.getLogger("levi_jax")
 class MetricLog:
   """metrics.jsonl (every process writes nothing but process 0) + TensorBoard."""
 
-  def __init__(self, model_dir: str):
-    self.enabled = jax.process_index() == 0
+  def __init__(self, model_dir: str, enabled: bool = True):
+    self.enabled = enabled and jax.process_index() == 0
     self.path = os.path.join(model_dir, "metrics.jsonl")
     self.writer = None
     if self.enabled:

@@ -355,6 +355,7 @@ def train(
     eval_only: bool = False,
     restore_step: int | None = None,
     on_start: Callable[[], None] | None = None,
+    output_dir: str | None = None,
 ) -> dict[str, Any]:
   """Trains (or resumes) one method on one task; returns the results dict.
 
@@ -372,6 +373,8 @@ def train(
     eval_only: restore a checkpoint of MODEL_DIR (the latest, or
       `restore_step`), evaluate it and write `eval_results.json`; no training.
     restore_step: with eval_only, which checkpoint step to evaluate.
+    output_dir: with eval_only, where `eval_results.json` goes (default MODEL_DIR);
+      evaluation writes nothing else, so a read-only MODEL_DIR can be evaluated.
     on_start: called once the start is accepted (MODEL_DIR locked, a checkpoint
       to resume matches this run), before anything else is written: e.g.
       writing the run's config.gin, which a rejected start must not overwrite.
@@ -396,7 +399,14 @@ def train(
           f"{device_mesh.shape[partitioning.DATA]} shards ({jax.device_count()} devices, "
           f"{jax.process_count()} processes); use a multiple of "
           f"{device_mesh.shape[partitioning.DATA]}")
-  os.makedirs(model_dir, exist_ok=True)
+  if eval_only:
+    target = output_dir or model_dir
+    probe = target if os.path.isdir(target) else os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
+      raise PermissionError(f"evaluation writes eval_results.json into {target}, which is not "
+                            "a writable folder; give another (levi_jax.eval --output_dir=DIR)")
+  else:
+    os.makedirs(model_dir, exist_ok=True)
   lock = None
   if not eval_only and jax.process_index() == 0:  # one training job per MODEL_DIR
     lock = checkpointing.ModelDirLock(model_dir)
@@ -481,7 +491,8 @@ def train(
     return params
 
   # --- Checkpoints and resume ---------------------------------------------------
-  ckpt = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoints"), checkpoint)
+  ckpt = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoints"), checkpoint,
+                                    read_only=eval_only)
   latest = ckpt.latest_step()
   if eval_only:
     if latest is None:
@@ -524,7 +535,7 @@ def train(
       evals = splits
     eval_step = partitioning.jit_eval_step(step_lib.make_eval_step(method, loss),
                                            param_shardings, device_mesh, rules)
-    metric_log = metric_logging.MetricLog(model_dir)
+    metric_log = metric_logging.MetricLog(model_dir, enabled=not eval_only)
 
     def evaluate(params_, prefix: str = "") -> dict[str, dict[str, float]]:
       out = {}
@@ -668,6 +679,8 @@ def train(
                                        **{k: num_rows(v) for k, v in evals.items()}}}
   if jax.process_index() == 0:
     name = "eval_results.json" if eval_only else "results.json"
-    with open(os.path.join(model_dir, name), "w") as f:
+    out_dir = (output_dir or model_dir) if eval_only else model_dir
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, name), "w") as f:
       json.dump(results, f, indent=2)
   return results

@@ -111,6 +111,19 @@ def test_eval_of_checkpoint_reproduces_training_metrics(tmp_path):
     run(tmp_path, "levi", eval_only=True, restore_step=5)
 
 
+def test_eval_writes_only_to_its_output_dir(tmp_path):
+  run_dir, out = tmp_path / "run", tmp_path / "eval_out"
+  trained = run(run_dir, "scratch", steps=4)
+  before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+  evaluated = run(run_dir, "scratch", steps=4, eval_only=True, output_dir=str(out))
+  assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before  # nothing written
+  assert json.load(open(out / "eval_results.json"))["metrics"] == evaluated["metrics"]
+  assert evaluated["metrics"] == trained["metrics"]
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(PermissionError, match="not a writable folder; give another"):
+    run(run_dir, "scratch", steps=4, eval_only=True, output_dir=str(tmp_path / "a_file" / "x"))
+
+
 def test_model_dir_with_another_model_fails_before_training(tmp_path):
   run(tmp_path, "levi", steps=4)
   with pytest.raises(ValueError, match=r"holds a checkpoint \(step 4\) of a different model"):
