@@ -7,8 +7,8 @@ Trains LEVI with each tap set of `tap_sets` (none, last only, middle only,
 middle + last, every other layer, all layers) on each shift and seed, with
 the base gin files (default `experiments/demo.gin`) and cached backbone taps
 (the backbone is frozen, so every tap set's pooled taps are computed once per
-split and backbone). "none" is LEVI without backbone taps: the small model
-and fusion head alone, i.e. Scratch. Writes `results.md`, `runs.csv`,
+split and backbone). "none" is the small model alone: the `scratch` method
+(LEVI itself refuses an empty tap set). Writes `results.md`, `runs.csv`,
 `summary.csv` and `results.png` (ID and OOD RMSE per tap set, mean ± std
 over seeds, averaged over shifts) into --out.
 """
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import runs  # noqa: E402
 import sweep  # noqa: E402
 
-from levi_jax import demo, trainer  # noqa: E402
+from levi_jax import trainer  # noqa: E402
 from levi_jax.models import t5_encoder  # noqa: E402
 
 TAP_SET_NAMES = ("none", "last", "middle", "middle+last", "every_other", "all")
@@ -56,8 +56,8 @@ def backbone_layers(gin_files: Sequence[str], bindings: Sequence[str]) -> int:
 
 
 def tap_bindings(taps: tuple) -> list[str]:
-  """Bindings for a tap set; no taps also means no backbone to load."""
-  return [f"trainer.ModelConfig.taps = {tuple(taps)!r}", *(() if taps else demo.NO_BACKBONE)]
+  """Bindings for a tap set (none: the scratch method, which has no backbone)."""
+  return [f"trainer.ModelConfig.taps = {tuple(taps)!r}"] if taps else []
 
 
 def summarize(records: Sequence[Mapping[str, Any]], names: Sequence[str]) -> list[dict]:
@@ -148,7 +148,8 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     for seed in args.seeds:
       for name, taps in sets.items():
         model_dir = os.path.join(runs_dir, task, name, f"seed{seed}")
-        bindings = runs.run_bindings(model_dir, "levi", task, seed, backbone=args.backbone,
+        bindings = runs.run_bindings(model_dir, "levi" if taps else "scratch", task, seed,
+                                     backbone=args.backbone,
                                      data_dir=args.data_dir, steps=args.steps,
                                      tap_cache_dir=cache,
                                      extra=[*args.gin, *tap_bindings(taps)])

@@ -266,6 +266,7 @@ def test_layer_ablation_end_to_end(tmp_path, world):
   none = json.load(open(run_dir / "none/seed0/results.json"))
   every = json.load(open(run_dir / "all/seed0/results.json"))
   assert none["params_total"] < every["params_total"]  # no backbone at all
+  assert none["method"] == "scratch" and every["method"] == "levi"
   assert every["tap_cache"]["used"]
   assert len(rows(tmp_path / "runs.csv")) == 2 and len(rows(tmp_path / "summary.csv")) == 2
   assert "| all | 0 1 |" in (tmp_path / "results.md").read_text()
