@@ -1,8 +1,15 @@
-"""Evaluation entry point: `python -m levi_jax.eval --gin_file=runs/eval.gin ...`.
+"""Evaluation entry point: evaluate a checkpoint as it was trained.
 
-`--gin.CHECKPOINT_PATH` is a MODEL_DIR (its latest checkpoint) or one step's
-directory `MODEL_DIR/checkpoints/STEP`. Give the same model and task gin files
-as the training run. Writes `eval_results.json` into `--output_dir` (default the
+    python -m levi_jax.eval --checkpoint_path=/tmp/levi          # the run's config.gin
+    python -m levi_jax.eval --gin_file=runs/eval.gin --gin_file=methods/levi.gin \
+        --gin.CHECKPOINT_PATH="'/tmp/levi'"                      # explicit gin files
+
+The checkpoint is a MODEL_DIR (its latest checkpoint) or one step's directory
+`MODEL_DIR/checkpoints/STEP`. Without `--gin_file`, the configuration is the
+run's own `MODEL_DIR/config.gin` (written by the trainer at the start it
+accepted), so the model, task and data are exactly those trained, whatever gin
+files made them; `--gin.NAME=VALUE` still overrides. With `--gin_file`, give
+the same model and task gin files as the training run. Writes `eval_results.json` into `--output_dir` (default the
 MODEL_DIR) and nothing else: a read-only run folder can be evaluated.
 """
 
@@ -20,6 +27,8 @@ from levi_jax import gin_utils, trainer
 FLAGS = flags.FLAGS
 gin_utils.define_flags()
 flags.DEFINE_string("output_dir", None, "Where eval_results.json goes (default: the MODEL_DIR).")
+flags.DEFINE_string("checkpoint_path", None, "MODEL_DIR or MODEL_DIR/checkpoints/STEP; without "
+                    "--gin_file, the run's config.gin configures the evaluation.")
 
 
 def split_checkpoint_path(path: str) -> tuple[str, int | None]:
@@ -38,7 +47,16 @@ def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/jax chatter
   logging.getLogger("levi_jax").setLevel(logging.INFO)
-  gin_utils.parse(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+  files, bindings = list(FLAGS.gin_file), list(FLAGS.gin_bindings)
+  if FLAGS.checkpoint_path:
+    bindings.append(f"CHECKPOINT_PATH = {FLAGS.checkpoint_path!r}")
+    if not files:
+      run_config = os.path.join(split_checkpoint_path(FLAGS.checkpoint_path)[0], "config.gin")
+      if not os.path.isfile(run_config):
+        raise FileNotFoundError(f"{run_config} does not exist (the run's configuration); "
+                                "give the training run's gin files with --gin_file")
+      files = [run_config]
+  gin_utils.parse(files, bindings, FLAGS.gin_search_paths)
   path = gin.query_parameter("%CHECKPOINT_PATH")
   if not isinstance(path, str):
     raise ValueError("bind the checkpoint to evaluate: --gin.CHECKPOINT_PATH=\"'/path'\"")

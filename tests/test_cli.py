@@ -128,6 +128,10 @@ def test_train_then_eval_command_lines(tmp_path):
   assert ev.returncode == 0, ev.stderr[-3000:]
   evaluated = json.load(open(tmp_path / "eval_results.json"))
   assert evaluated["metrics"] == trained["metrics"]
+  # Without gin files: the run's own config.gin, whatever files made it.
+  own = _cli("levi_jax.eval", f"--checkpoint_path={tmp_path}", f"--output_dir={tmp_path}/own")
+  assert own.returncode == 0, own.stderr[-3000:]
+  assert json.load(open(tmp_path / "own/eval_results.json"))["metrics"] == trained["metrics"]
   bad = _cli("levi_jax.train", *common, f"--gin.MODEL_DIR='{tmp_path}/x'",
              "--gin.trainer.ModelConfig.adapter_dimm=3")
   assert bad.returncode != 0 and "adapter_dimm" in bad.stderr
