@@ -144,6 +144,11 @@ def test_sweep_restrict_runs_a_method_on_part_of_the_grid(tmp_path, world):
   ran = sorted((r["column"], r["seed"]) for r in result["all_records"])
   assert ran == [("LP", 0), ("LP", 1), ("Scratch", 1)]
   assert "restricted: 'scratch=movielens_100k.gender_m_to_f@1'" in result["markdown"]
+  # --report_only trains nothing: an interim report of the finished runs.
+  interim = sweep.run(sweep.parse_args([*argv, "--report_only", "--seeds", "0,1,2"]), "cmd")
+  assert sorted((r["column"], r["seed"]) for r in interim["all_records"]) == ran
+  assert "Interim report (--report_only): 1 of 4 runs not finished yet" in interim["markdown"]
+  assert not list((tmp_path / "runs").rglob("seed2-*"))
   bad = sweep.parse_args([*argv[:-len(TINY_ARGS) - 4], "--restrict", "scratch=time_latr"])
   with pytest.raises(ValueError, match="names unknown shifts: \\['time_latr'\\]"):
     sweep.run(bad, "cmd")
@@ -226,9 +231,11 @@ def test_sweep_tables():
   assert "| shift | FT | LP | Scratch | LEVI | train mean | item bias |" in with_mean
   assert "| 1.300 / 1.450 | 1.100 / 1.300 |" in with_mean
   # OOD below the mean predictor: FT on b; LP on a and b; Scratch on a; LEVI on a and b.
-  assert "`train mean` reference's, shifts of 2: FT 1, LP 2, Scratch 1, LEVI 2." in with_mean
+  assert ("`train mean` reference's (shifts below / shifts run): FT 1/2, LP 2/2, Scratch 1/2, "
+          "LEVI 2/2.") in with_mean
   # Below item bias: FT on b (1.0 < 1.05), LP on a (1.3 < 1.3 is not), LEVI on a.
-  assert "`item bias` reference's, shifts of 2: FT 1, LP 0, Scratch 0, LEVI 1." in with_mean
+  assert ("`item bias` reference's (shifts below / shifts run): FT 1/2, LP 0/2, Scratch 0/2, "
+          "LEVI 1/2.") in with_mean
   assert "| a | yes | yes (+0.1000 vs LP) | 1/2 | 2/2 | +1.0% |" in md
   assert "1 of 2 shifts" in md and "LEVI lower on 1 of 2 shifts" in md
   # Without FT, LEVI is still compared with the baselines; LEVI variants are not baselines.
