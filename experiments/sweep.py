@@ -169,6 +169,12 @@ def average_ranks(summary: Sequence[Mapping[str, Any]], columns: Sequence[str],
   return dict(zip(columns, map(float, ranks)))
 
 
+def ranked_columns(summary: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[str]:
+  """The columns every shift ran: ranks are over these (a --restrict'ed column is left out)."""
+  table = _table(summary)
+  return [c for c in columns if table and all(c in row for row in table.values())]
+
+
 def improvement(summary: Sequence[Mapping[str, Any]], better: str = "LEVI", than: str = "FT",
                 split: str = "ood") -> dict[str, Any]:
   """Relative RMSE reduction (%) of `better` over `than`, per shift and its mean ± std."""
@@ -347,11 +353,12 @@ def markdown(summary: Sequence[Mapping[str, Any]], columns: Sequence[str], heade
       b = baselines.get(task, {}).get(c, {})
       cells.append(f"{b.get('id_test', float('nan')):.3f} / {b.get('ood_test', float('nan')):.3f}")
     lines.append(f"| {task} | " + " | ".join(cells) + " |")
+  ranked = ranked_columns(summary, cols)
   for split, name in (("id", "ID"), ("ood", "OOD")):
-    ranks = average_ranks(summary, cols, split)
+    ranks = average_ranks(summary, ranked, split)
     if ranks:
-      lines.append(f"| average {name} rank | " + " | ".join(f"{ranks[c]:.2f}" for c in cols)
-                   + " |")
+      lines.append(f"| average {name} rank | " + " | ".join(
+          f"{ranks[c]:.2f}" if c in ranks else "-" for c in cols) + " |")
   lines.append("")
   imp = improvement(summary)
   if imp["shifts"]:
@@ -430,7 +437,8 @@ def references_markdown(baselines: Mapping[str, Mapping[str, Mapping[str, Any]]]
 
 
 def chart(summary: Sequence[Mapping[str, Any]], columns: Sequence[str], path: str, title: str):
-  """OOD RMSE relative to FT (shifts x methods) and the average ranks."""
+  """OOD RMSE relative to FT (or, in a study without FT, to its first column)
+  per shift and method, and the average ranks."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -438,12 +446,13 @@ def chart(summary: Sequence[Mapping[str, Any]], columns: Sequence[str], path: st
   table = _table(summary)
   tasks = sorted(table)
   cols = [c for c in columns if any(c in table[t] for t in tasks)]
+  base = "FT" if "FT" in cols else cols[0]
   rel = np.full((len(tasks), len(cols)), np.nan)
   for i, t in enumerate(tasks):
-    ft = table[t].get("FT", {}).get("ood_mean")
+    ref = table[t].get(base, {}).get("ood_mean")
     for j, c in enumerate(cols):
-      if c in table[t] and ft:
-        rel[i, j] = table[t][c]["ood_mean"] / ft
+      if c in table[t] and ref:
+        rel[i, j] = table[t][c]["ood_mean"] / ref
   fig, (ax, bx) = plt.subplots(1, 2, figsize=(4 + 1.1 * len(cols) * 2, 1.5 + 0.35 * len(tasks)),
                                gridspec_kw={"width_ratios": [3, 2]})
   span = np.nanmax(np.abs(rel - 1.0)) if np.isfinite(rel).any() else 0.1
@@ -454,11 +463,11 @@ def chart(summary: Sequence[Mapping[str, Any]], columns: Sequence[str], path: st
     for j in range(len(cols)):
       if np.isfinite(rel[i, j]):
         ax.text(j, i, f"{rel[i, j]:.3f}", ha="center", va="center", fontsize=6)
-  ax.set_title("OOD RMSE / FT's OOD RMSE (lower is better)", fontsize=9)
+  ax.set_title(f"OOD RMSE / {base}'s OOD RMSE (lower is better)", fontsize=9)
   fig.colorbar(im, ax=ax, fraction=0.04)
   x = np.arange(len(cols))
   for k, (split, name) in enumerate((("id", "ID"), ("ood", "OOD"))):
-    ranks = average_ranks(summary, cols, split)
+    ranks = average_ranks(summary, ranked_columns(summary, cols), split)
     bx.bar(x + (k - 0.5) * 0.4, [ranks.get(c, np.nan) for c in cols], 0.4, label=name)
   bx.set_xticks(x, cols, rotation=30, ha="right")
   bx.set_ylabel("average rank over shifts (1 = best)")
@@ -753,8 +762,10 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     json.dump({"figure1": figure1_answer(summary, args.id_tolerance, records, baselines),
                "levi_by_validation": levi_by_validation(summary),
                "levi_vs_ft_ood": improvement(summary),
-               "average_rank_ood": average_ranks(summary, args.columns, "ood"),
-               "average_rank_id": average_ranks(summary, args.columns, "id"),
+               "average_rank_ood": average_ranks(summary, ranked_columns(summary, args.columns),
+                                                 "ood"),
+               "average_rank_id": average_ranks(summary, ranked_columns(summary, args.columns),
+                                                "id"),
                "references": baselines,
                "collapsed": sorted({(r["task"], r["column"]) for r in records
                                     if r["collapsed"]})}, f, indent=1)

@@ -25,7 +25,11 @@ Ensemble of Different Views", ICML 2024) states [paper] and what we chose [ours]
     small model to the fusion MLP. This is the closer reading of "layer-wise
     ensemble ... across multiple intermediate representations": the views meet
     at several depths, not only at the end. The paper's text supports both
-    readings; it gives no equations for the join.
+    readings; it gives no equations for the join. The default, "late", is
+    the variant with the lowest validation RMSE on real MovieLens-100K with
+    all-MiniLM-L6-v2 (experiments/results/ml100k_minilm: late 1.0255,
+    layer-wise 1.0281, late + auxiliary losses 1.0297, mean over the two
+    gender shifts x 3 seeds).
 * [ours] Loss: the task loss on the fused output; optional auxiliary heads
   (one linear head per view) add `aux_weight` x their task losses. Default
   off, because the paper describes one shared loss.
