@@ -98,7 +98,6 @@ def train_run(model_dir: str, bindings: Sequence[str], gin_files: Sequence[str] 
       return json.load(f)
   gin.clear_config()
   gin_utils.parse(gin_files, list(bindings), gin_utils.GIN_SEARCH_PATHS)
-  gin_utils.write_operative_config(model_dir, "config.gin")
   task_data = None
   if oov_rate:
     model = gin.get_configurable(trainer.ModelConfig)()
@@ -110,7 +109,9 @@ def train_run(model_dir: str, bindings: Sequence[str], gin_files: Sequence[str] 
     vocabulary = trainer.backbone_vocabulary(
         data, pretrained, paths.shipped_path(gin.query_parameter("%INITIAL_CHECKPOINT_PATH")))
     task_data = oov_dropout(trainer.load_task_data(data, vocabulary), oov_rate, seed)
-  results = gin_utils.call(trainer.train, task_data=task_data)
+  results = gin_utils.call(  # config.gin once the trainer accepts the start, as levi_jax.train
+      trainer.train, task_data=task_data,
+      on_start=lambda: gin_utils.write_operative_config(model_dir, "config.gin"))
   if not keep_checkpoints:
     for sub in ("checkpoints", "stage_0_params", "tb"):
       shutil.rmtree(os.path.join(model_dir, sub), ignore_errors=True)

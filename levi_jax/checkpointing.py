@@ -11,10 +11,14 @@ intact; the last N and the best on the validation metric are kept.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import socket
+import time
 from typing import Any, Mapping
 
 import jax
@@ -23,6 +27,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+log = logging.getLogger("levi_jax")
 STATE, META = "state", "meta"
 BEST_METRIC = "val_rmse"
 
@@ -172,7 +177,6 @@ class DamagedCheckpointError(RuntimeError):
 
   def move_aside(self) -> str:
     """Moves the step out of the checkpoints folder (kept, never deleted); returns where."""
-    import time
     dest_dir = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
     os.makedirs(dest_dir, exist_ok=True)
     dest = os.path.join(dest_dir, f"{self.step}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -286,10 +290,6 @@ class ModelDirLock:
       return {"host": "?", "pid": -1, "unreadable": True}
 
   def acquire(self):
-    import atexit
-    import socket
-    import time
-    import logging
     me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
     for _ in range(3):
       try:
@@ -303,7 +303,7 @@ class ModelDirLock:
         if same_host and pid == me["pid"]:
           break  # ours, from an earlier call of this process
         if (same_host and not _pid_alive(pid)) or holder.get("unreadable"):
-          logging.getLogger("levi_jax").warning(
+          log.warning(
               "taking over %s: its holder (host %s, pid %s) is not running", self.path,
               holder.get("host"), pid)
           os.remove(self.path)

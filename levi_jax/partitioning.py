@@ -197,15 +197,20 @@ def global_max(value: int) -> int:
   return int(np.max(multihost_utils.process_allgather(np.asarray(value))))
 
 
-def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+def local_batch_size(global_batch_size: int, mesh: Mesh, what: str = "global batch size"
+                     ) -> int:
   """Examples per process: global batch / number of data shards.
 
   Raises:
-    ValueError: the global batch does not split over the `data` axis.
+    ValueError: the global batch does not split over the `data` axis (`what`
+      names the setting in the message).
   """
-  if global_batch_size % mesh.shape[DATA]:
-    raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
-                     f"data axis size {mesh.shape[DATA]}")
+  shards = mesh.shape[DATA]
+  if global_batch_size % shards:
+    raise ValueError(
+        f"{what} = {global_batch_size} does not split over the mesh: its data axis has "
+        f"{shards} shards ({mesh.devices.size} devices, {jax.process_count()} processes); "
+        f"use a multiple of {shards}")
   return global_batch_size // process_shard(mesh)[1]
 
 

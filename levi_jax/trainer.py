@@ -312,10 +312,9 @@ def _finite_or_raise(metrics: Mapping[str, Any], step: int, last_ok: int, model_
 _HELD_LOCKS: list[checkpointing.ModelDirLock] = []
 
 
-def _releases_model_dir_lock(fn):
-  """`train` holds MODEL_DIR's lock until it returns or raises (a rejected start too).
-
-  A training start whose newest checkpoint does not restore moves it aside and
+def _model_dir_guard(fn):
+  """Around `train`: MODEL_DIR's lock is held until it returns or raises (a
+  rejected start too), and a training start whose newest checkpoint does not restore moves it aside and
   starts again from the newest one that does (`CheckpointConfig.fallback_on_damage`).
   """
   @functools.wraps(fn)  # gin reads the signature through __wrapped__
@@ -340,7 +339,7 @@ def _releases_model_dir_lock(fn):
   return wrapper
 
 
-@_releases_model_dir_lock
+@_model_dir_guard
 def train(
     model_dir: str,
     model: ModelConfig = ModelConfig(),
@@ -393,12 +392,7 @@ def train(
   rules = partitioning.rules_for(mesh)
   for what, size in (("DataConfig.batch_size", data.batch_size),
                      ("DataConfig.eval_batch_size", data.eval_batch_size)):
-    if size % device_mesh.shape[partitioning.DATA]:
-      raise ValueError(
-          f"{what} = {size} does not split over the mesh: its data axis has "
-          f"{device_mesh.shape[partitioning.DATA]} shards ({jax.device_count()} devices, "
-          f"{jax.process_count()} processes); use a multiple of "
-          f"{device_mesh.shape[partitioning.DATA]}")
+    partitioning.local_batch_size(size, device_mesh, what)  # before anything is written
   if eval_only:
     target = output_dir or model_dir
     probe = target if os.path.isdir(target) else os.path.dirname(os.path.abspath(target))
@@ -637,7 +631,7 @@ def train(
         checkpointing.save_tree(os.path.join(model_dir, "stage_0_params"), params)
       start_step = max(start_step, s_end)
       meta = None
-      final_frozen_hash = checkpointing.tree_fingerprint(state.frozen)
+      final_frozen_hash = frozen_hash  # frozen params never change within a stage
       if eval_only:
         break
     ckpt.close()

@@ -69,13 +69,18 @@ def _wordpiece_examples(task, vocab_path: str, inputs_length: int) -> None:
   src = task.source_arrays("train", np.arange(min(3, len(task.rows("train")))))
   ids = vocab.encode_padded(src["inputs"], inputs_length)
   for k in range(len(ids)):
-    n_tok = int((ids[k] > 0).sum())
-    print(f"  [{k}] inputs ({n_tok} tokens): {vocab.decode(ids[k].tolist())!r}")
-    feats = [f"{f.name}={task.decode_feature(f.name, src[f.name][k])}" if f.bag_size
-             else f"{f.name}={task.decode_feature(f.name, src[f.name][k])[0]}"
-             for f in task.feature_specs]
-    print("      " + ", ".join(feats))
-    print(f"      targets={float(src['targets'][k]):g}")
+    _print_example(k, task, vocab, {**{f: v[k] for f, v in src.items()}, "inputs": ids[k]})
+
+
+def _print_example(k: int, task, vocab, ex) -> None:
+  """One example: its decoded tokens, feature values and target."""
+  n_tok = int((ex["inputs"] > 0).sum())
+  print(f"  [{k}] inputs ({n_tok} tokens): {vocab.decode(ex['inputs'].tolist())!r}")
+  feats = [f"{f.name}={task.decode_feature(f.name, ex[f.name])}" if f.bag_size
+           else f"{f.name}={task.decode_feature(f.name, ex[f.name])[0]}"
+           for f in task.feature_specs]
+  print("      " + ", ".join(feats))
+  print(f"      targets={float(ex['targets']):g}")
 
 
 def _describe(name: str, data_dir: str | None, inputs_length: int,
@@ -115,13 +120,7 @@ def _describe(name: str, data_dir: str | None, inputs_length: int,
   print(f"  vocabulary: {vocab.sentencepiece_model_file} ({vocab.vocab_size} pieces)")
   print("  three examples (train split, from the seqio Task):")
   for k, ex in enumerate(ds.take(3).as_numpy_iterator()):
-    n_tok = int((ex["inputs"] > 0).sum())
-    print(f"  [{k}] inputs ({n_tok} tokens): {vocab.decode(ex['inputs'].tolist())!r}")
-    feats = [f"{f.name}={task.decode_feature(f.name, ex[f.name])}" if f.bag_size
-             else f"{f.name}={task.decode_feature(f.name, ex[f.name])[0]}"
-             for f in task.feature_specs]
-    print("      " + ", ".join(feats))
-    print(f"      targets={float(ex['targets']):g}")
+    _print_example(k, task, vocab, ex)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
