@@ -21,6 +21,12 @@ rating of the split, in the split's order (a seeded permutation when shuffled);
 `seqio.preprocessors.tokenize` and `append_eos_after_trim` tokenize `inputs`;
 `RatingFeatureConverter` pads `inputs` and passes the rest through. The
 examples equal `levi_jax.data.pipeline.load_split_arrays`'s.
+
+Each Task also carries what a seqio `Evaluator` (T5X's `eval.py`) needs to
+score a model's predicted ratings: `targets` as a length-1 float sequence
+(the Evaluator measures every feature's length; the feature converter gives
+models the scalar), the `RatingVocabulary` of `targets` and the metric
+functions `rmse` and `mae`.
 """
 
 from __future__ import annotations
@@ -70,6 +76,56 @@ class DataSentencePieceVocabulary(seqio.SentencePieceVocabulary):
             and self.extra_ids == other.extra_ids)
 
 
+class RatingVocabulary(seqio.PassThroughVocabulary):
+  """The `targets` vocabulary: a rating passes through; a decoded prediction is a float.
+
+  A model's prediction for one example may come as a scalar or a length-1
+  array (T5X gives each example's slice of the predicted batch); `decode`
+  returns the rating as a float either way.
+  """
+
+  def __init__(self):
+    super().__init__(size=1)
+
+  def decode(self, ids):
+    return float(np.ravel(np.asarray(ids, np.float64))[0])
+
+  def __eq__(self, other):
+    return isinstance(other, RatingVocabulary)
+
+  def __hash__(self):
+    return hash(RatingVocabulary)
+
+
+def _rating(value, example=None, is_target=False) -> float:  # pylint: disable=unused-argument
+  """seqio postprocessor: a target or a decoded prediction as a float rating."""
+  return float(np.ravel(np.asarray(value, np.float64))[0])
+
+
+def rmse(targets, predictions) -> dict[str, float]:
+  """seqio metric: root mean squared error of predicted ratings."""
+  t, p = np.asarray(targets, np.float64), np.asarray(predictions, np.float64)
+  if t.shape != p.shape or t.size == 0:
+    raise ValueError(f"rmse: {t.size} targets and {p.size} predictions; expected the same, "
+                     "non-zero count")
+  return {"rmse": float(np.sqrt(np.mean((p - t) ** 2)))}
+
+
+def mae(targets, predictions) -> dict[str, float]:
+  """seqio metric: mean absolute error of predicted ratings."""
+  t, p = np.asarray(targets, np.float64), np.asarray(predictions, np.float64)
+  if t.shape != p.shape or t.size == 0:
+    raise ValueError(f"mae: {t.size} targets and {p.size} predictions; expected the same, "
+                     "non-zero count")
+  return {"mae": float(np.mean(np.abs(p - t)))}
+
+
+def _rating_as_sequence(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """`targets` as a [1] sequence, the rank seqio's Evaluator measures lengths of."""
+  return ds.map(lambda ex: {**ex, "targets": tf.reshape(ex["targets"], [1])},
+                num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, task: str,
                 data_dir: str | None, max_bad_fraction: float) -> tf.data.Dataset:
   """The source of Task `task`: one element per rating of `split`."""
@@ -110,10 +166,12 @@ def register_tasks(data_dir: str | None = None, vocab_path: str | None = None,
             splits=shift.splits, caching_permitted=False),
         output_features={
             "inputs": seqio.Feature(vocab, add_eos=True),
-            "targets": seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False,
-                                     dtype=tf.float32, rank=0)},
+            "targets": seqio.Feature(RatingVocabulary(), add_eos=False,
+                                     dtype=tf.float32, rank=1)},
         preprocessors=[functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
-                       seqio.preprocessors.append_eos_after_trim])
+                       seqio.preprocessors.append_eos_after_trim, _rating_as_sequence],
+        postprocess_fn=_rating,
+        metric_fns=[rmse, mae])
     _REGISTERED.add(name)
   return names
 
@@ -121,14 +179,15 @@ def register_tasks(data_dir: str | None = None, vocab_path: str | None = None,
 class RatingFeatureConverter(seqio.FeatureConverter):
   """Pads/truncates `inputs` to its length; passes `targets` and categorical ids through.
 
-  Only `inputs` needs a length (`task_feature_lengths={"inputs": L}`); every
-  other feature of the task is passed through with its own rank and dtype.
-  No packing.
+  Only `inputs` needs a length (`task_feature_lengths={"inputs": L}`); the
+  Task's [1] `targets` becomes the scalar rating; every other feature of the
+  task is passed through with its own rank and dtype. No packing.
   """
 
   TASK_FEATURES = {"inputs": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
-                   "targets": seqio.FeatureConverter.FeatureSpec(dtype=tf.float32, rank=0)}
-  MODEL_FEATURES = TASK_FEATURES
+                   "targets": seqio.FeatureConverter.FeatureSpec(dtype=tf.float32, rank=1)}
+  MODEL_FEATURES = {"inputs": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+                    "targets": seqio.FeatureConverter.FeatureSpec(dtype=tf.float32, rank=0)}
   PACKING_FEATURE_DTYPES = {}
 
   def __init__(self, **kwargs):
@@ -136,7 +195,11 @@ class RatingFeatureConverter(seqio.FeatureConverter):
     super().__init__(**kwargs)
 
   def __call__(self, ds: tf.data.Dataset,
-               task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+               task_feature_lengths: Mapping[str, int] | None) -> tf.data.Dataset:
+    if not task_feature_lengths or "inputs" not in task_feature_lengths:
+      raise ValueError(f"RatingFeatureConverter needs the length of `inputs` "
+                       f"(task_feature_lengths={{'inputs': L}}; TASK_FEATURE_LENGTHS in gin), "
+                       f"got {task_feature_lengths!r}")
     passthrough = {k: seqio.FeatureConverter.FeatureSpec(dtype=s.dtype, rank=s.shape.rank)
                    for k, s in ds.element_spec.items() if k not in self.TASK_FEATURES}
     self._passthrough_features = passthrough
@@ -148,7 +211,9 @@ class RatingFeatureConverter(seqio.FeatureConverter):
 
   def _convert_features(self, ds: tf.data.Dataset,
                         task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
-    return seqio.utils.trim_and_pad_dataset(ds, {"inputs": task_feature_lengths["inputs"]})
+    ds = seqio.utils.trim_and_pad_dataset(ds, {"inputs": task_feature_lengths["inputs"]})
+    return ds.map(lambda ex: {**ex, "targets": ex["targets"][0]},
+                  num_parallel_calls=tf.data.AUTOTUNE)
 
   def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> Mapping[str, int]:
     return dict(task_feature_lengths)
