@@ -85,16 +85,30 @@ class Method:
     params = dict(params)
     if self.lora is not None:
       params[LORA] = lora_lib.init(jax.random.fold_in(rng, 1), params[BACKBONE], self.lora)
+      unread = lora_lib.unread(lambda lo: self.apply({**params, LORA: lo}, batch), params[LORA])
+      if unread:
+        raise ValueError(f"method {self.name!r}: the backbone never reads the LoRA factors "
+                         f"{unread[:4]}{'...' if len(unread) > 4 else ''}; its projection "
+                         "modules must add `lora.low_rank` to their outputs")
     return params
 
   def apply(self, params: Mapping[str, Any], batch: Mapping[str, Any], *,
             train: bool = False, rng: jax.Array | None = None) -> dict[str, Any]:
-    """Runs the model; merges LoRA factors into the backbone kernels first."""
+    """Runs the model.
+
+    LoRA factors go to the backbone as the `lora` variable collection, and
+    each adapted projection adds its low-rank term beside its kernel
+    (`lora.low_rank`): the kernels themselves are used as they are, so a
+    frozen kernel gets no weight gradient.
+    """
     params = dict(params)
+    variables = {}
     if self.lora is not None:
-      params[BACKBONE] = lora_lib.merge(params[BACKBONE], params.pop(LORA), self.lora)
+      variables[lora_lib.COLLECTION] = {
+          BACKBONE: lora_lib.variables(params.pop(LORA), self.lora)}
+    variables["params"] = params
     rngs = {"dropout": rng} if (train and rng is not None) else {}
-    return self.module.apply({"params": params}, batch, deterministic=not train, rngs=rngs)
+    return self.module.apply(variables, batch, deterministic=not train, rngs=rngs)
 
 
 def is_frozen(path: str, frozen: Sequence[str]) -> bool:

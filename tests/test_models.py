@@ -8,6 +8,7 @@ import pytest
 from flax import traverse_util
 
 from levi_jax import methods, step, trainer
+from levi_jax.models import bert
 from levi_jax.models import levi as levi_lib
 from levi_jax.models import lora as lora_lib
 from levi_jax.models import t5_encoder as t5
@@ -236,12 +237,14 @@ def test_frozen_params_unchanged_and_stateless(name):
 
 
 def _backbone_kernel_shapes() -> set[tuple]:
-  """The tiny backbone's kernel shapes. Weight-gradient matmuls produce the kernel's
-  own shape; the forward never does (its outputs carry batch/length axes)."""
+  """The tiny backbone's kernel shapes, 2-D and as the projections split them
+  (heads x head_dim). Weight-gradient matmuls produce the kernel's own shape; the
+  forward never does (its outputs carry batch/length axes)."""
   cfg = tiny_cfg()
   kv = cfg.num_heads * cfg.head_dim
+  heads = (cfg.num_heads, cfg.head_dim)
   return {(cfg.emb_dim, kv), (kv, cfg.emb_dim), (cfg.emb_dim, cfg.mlp_dim),
-          (cfg.mlp_dim, cfg.emb_dim)}
+          (cfg.mlp_dim, cfg.emb_dim), (cfg.emb_dim, *heads), (*heads, cfg.emb_dim)}
 
 
 def _dot_shapes(jaxpr) -> list[tuple]:
@@ -254,11 +257,17 @@ def _dot_shapes(jaxpr) -> list[tuple]:
   return shapes
 
 
-@pytest.mark.parametrize("name,expect_backbone_grads", [("levi", False), ("lp", False),
-                                                        ("ft", True), ("levi_ft", True)])
+@pytest.mark.parametrize("name,expect_backbone_grads", [
+    ("levi", False), ("lp", False), ("lora", False), ("levi_lora", False), ("ft", True),
+    ("levi_ft", True)])
 def test_backbone_backprop_is_structurally_absent(name, expect_backbone_grads):
-  """The train step's program computes no backbone-kernel gradient when frozen."""
-  m = build(name)
+  """The train step's program computes no backbone-kernel gradient when frozen.
+
+  LoRA's factors sit beside the frozen kernels, so a LoRA step backpropagates
+  through the backbone's activations only (rank 2: no factor or factor
+  gradient has a kernel's shape).
+  """
+  m = build(name, lora=lora_lib.LoraConfig(rank=2))
   batch = make_batch(b=5)  # a batch size no kernel dimension shares
   state, opt = init_state(m, batch)
   train_step = step.make_train_step(m, opt, step.LossConfig())
@@ -282,6 +291,56 @@ def test_lora_with_zero_b_equals_base_model():
   params["lora"] = jax.tree.map(lambda x: x + 0.1, params["lora"])
   assert not np.allclose(lo.apply(params, batch)["prediction"],
                          lp.apply(base, batch)["prediction"])
+
+
+def _merged_prediction(m, params, batch):
+  """The prediction with the LoRA factors merged into the kernels (`lora.merge`)."""
+  rest = {k: v for k, v in params.items() if k != methods.LORA}
+  rest[methods.BACKBONE] = lora_lib.merge(params[methods.BACKBONE], params[methods.LORA],
+                                          m.lora)
+  return m.module.apply({"params": rest}, batch)["prediction"]
+
+
+@pytest.mark.parametrize("backbone", ["t5", "bert"])
+@pytest.mark.parametrize("name", ["lora", "levi_lora"])
+def test_lora_beside_the_kernel_equals_the_merged_kernel(name, backbone):
+  encoder = (t5.T5Encoder(tiny_cfg()) if backbone == "t5"
+             else bert.BertEncoder(bert.preset("bert_tiny", vocab_size=VOCAB)))
+  m = methods.make_method(name, backbone=encoder, task_net=FeatureTower(FEATS, hidden=(16,)),
+                          adapter_dim=8, fusion_hidden=(8,), lora=lora_lib.LoraConfig(rank=2))
+  batch = make_batch()
+  params = nn.meta.unbox(m.init(jax.random.PRNGKey(0), batch))
+  flat = traverse_util.flatten_dict(params[methods.LORA], sep="/")
+  assert len(flat) == 2 * 2 * (7 if backbone == "t5" else 6)  # every attention/MLP kernel
+  fresh = m.apply(params, batch)["prediction"]
+  rs = np.random.RandomState(1)
+  params[methods.LORA] = traverse_util.unflatten_dict(
+      {k: v if k.endswith("/a") else 0.5 * rs.randn(*v.shape).astype(np.float32)
+       for k, v in flat.items()}, sep="/")
+  beside = np.asarray(m.apply(params, batch)["prediction"])
+  merged = np.asarray(_merged_prediction(m, params, batch))
+  norm = np.linalg.norm(merged)
+  assert np.linalg.norm(beside - merged) <= 1e-5 * norm
+  assert np.linalg.norm(beside - np.asarray(fresh)) > 1e-2 * norm  # b moved the output
+
+
+class _PlainBackbone(nn.Module):
+  """A backbone whose projection ignores LoRA factors (no `lora.low_rank`)."""
+
+  config: t5.T5Config
+
+  @nn.compact
+  def __call__(self, tokens, deterministic=True):
+    x = nn.Embed(VOCAB, self.config.emb_dim)(tokens)
+    x = nn.Dense(self.config.emb_dim, use_bias=False, name="proj")(x)
+    return t5.EncoderOutput(final=x, layers=(x,) * self.config.num_layers, mask=tokens > 0)
+
+
+def test_lora_factors_the_backbone_never_reads_are_an_error():
+  m = methods.make_method("lora", backbone=_PlainBackbone(tiny_cfg()),
+                          lora=lora_lib.LoraConfig(targets=(r"proj/kernel$",)))
+  with pytest.raises(ValueError, match=r"never reads the LoRA factors \['proj/a', 'proj/b'\]"):
+    m.init(jax.random.PRNGKey(0), make_batch())
 
 
 def test_ensemble_is_mean_of_members():

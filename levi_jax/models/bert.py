@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from levi_jax.models import lora as lora_lib
 from levi_jax.models.t5_encoder import EncoderOutput
 
 Array = jax.Array
@@ -123,7 +124,11 @@ def _param(module: nn.Module, name: str, init: Callable, shape: Sequence[int],
 
 
 class Dense(nn.Module):
-  """`x @ kernel + bias` over the last axis, kernel stored `[in, out]`."""
+  """`x @ kernel + bias` over the last axis, kernel stored `[in, out]`.
+
+  LoRA factors in the `lora` variable collection add their low-rank term
+  beside the kernel (`lora.low_rank`).
+  """
 
   features: int
   kernel_axes: tuple[str, str]
@@ -136,7 +141,9 @@ class Dense(nn.Module):
     bias = _param(self, "bias", nn.initializers.zeros, (self.features,),
                   (self.kernel_axes[1],))
     x = jnp.asarray(x, self.dtype)
-    return x @ jnp.asarray(kernel, self.dtype) + jnp.asarray(bias, self.dtype)
+    y = x @ jnp.asarray(kernel, self.dtype) + jnp.asarray(bias, self.dtype)
+    delta = lora_lib.low_rank(self, x, 1, (self.features,), self.dtype)
+    return y if delta is None else y + delta
 
 
 class LayerNorm(nn.Module):

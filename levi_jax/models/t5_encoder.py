@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from levi_jax.models import lora as lora_lib
+
 Array = jax.Array
 Dtype = Any
 
@@ -160,7 +162,9 @@ class DenseGeneral(nn.Module):
   """Bias-free linear map over the trailing `len(in_shape)` axes.
 
   The kernel is stored 2-D, `[prod(in_shape), prod(out_shape)]`, as T5X does
-  (so `joined_kv` = heads * head_dim is one axis in checkpoints).
+  (so `joined_kv` = heads * head_dim is one axis in checkpoints). LoRA
+  factors in the `lora` variable collection add their low-rank term beside
+  the kernel (`lora.low_rank`).
   """
 
   out_shape: tuple[int, ...]
@@ -178,8 +182,9 @@ class DenseGeneral(nn.Module):
     kernel = jnp.reshape(jnp.asarray(kernel, self.dtype), in_shape + self.out_shape)
     x = jnp.asarray(x, self.dtype)
     contract = tuple(range(x.ndim - self.in_ndim, x.ndim))
-    return jax.lax.dot_general(x, kernel, ((contract, tuple(range(self.in_ndim))),
-                                           ((), ())))
+    y = jax.lax.dot_general(x, kernel, ((contract, tuple(range(self.in_ndim))), ((), ())))
+    delta = lora_lib.low_rank(self, x, self.in_ndim, self.out_shape, self.dtype)
+    return y if delta is None else y + delta
 
 
 def relative_position_bucket(relative_position: np.ndarray, num_buckets: int,
