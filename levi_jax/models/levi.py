@@ -219,11 +219,11 @@ class LeviModel(nn.Module):
     # inside the small model, whose fused state is the last view.
     x = views[-1] if self.fusion == "layerwise" else jnp.concatenate(views, axis=-1)
     pred = MLP(self.fusion_hidden + (self.num_outputs,), final_bias=self.output_bias,
-               dtype=self.dtype, name="head")(x)
+               dtype=self.dtype, output_axis=None, name="head")(x)
     aux = ()
     if self.aux_heads:
       aux = tuple(MLP((self.num_outputs,), final_bias=self.output_bias, dtype=self.dtype,
-                      name=f"aux_head_{i}")(v)
+                      output_axis=None, name=f"aux_head_{i}")(v)
                   for i, v in enumerate(views))
     return {"prediction": pred.astype(jnp.float32),
             "aux": tuple(a.astype(jnp.float32) for a in aux)}

@@ -81,6 +81,9 @@ class MLP(nn.Module):
   """Dense layers with a nonlinearity between them (none after the last).
 
   `final_bias` initialises the last layer's bias (e.g. to the mean rating).
+  `output_axis` is the logical axis name of the last layer's outputs: "mlp"
+  (sharded like hidden units), or None for a prediction head, whose few
+  outputs (1 for a rating) no mesh axis divides.
   """
 
   widths: tuple[int, ...]
@@ -88,18 +91,20 @@ class MLP(nn.Module):
   final_activation: bool = False
   final_bias: float = 0.0
   dtype: Any = jnp.float32
+  output_axis: str | None = "mlp"
 
   @nn.compact
   def __call__(self, x: Array, injections: Sequence[Array | None] = ()) -> Array:
     """Applies the layers; `injections[i]` (if given) is added after layer i."""
     for i, w in enumerate(self.widths):
+      last = i == len(self.widths) - 1
+      out_axis = self.output_axis if last else "mlp"
       x = nn.Dense(w, dtype=self.dtype, param_dtype=jnp.float32, name=f"dense_{i}",
                    kernel_init=nn.with_logical_partitioning(
-                       nn.initializers.lecun_normal(), ("embed", "mlp")),
+                       nn.initializers.lecun_normal(), ("embed", out_axis)),
                    bias_init=nn.with_logical_partitioning(
-                       nn.initializers.constant(self.final_bias)
-                       if i == len(self.widths) - 1 else nn.initializers.zeros,
-                       ("mlp",)))(x)
+                       nn.initializers.constant(self.final_bias) if last
+                       else nn.initializers.zeros, (out_axis,)))(x)
       if i < len(self.widths) - 1 or self.final_activation:
         x = getattr(nn, self.activation)(x)
       if i < len(injections) and injections[i] is not None:

@@ -26,6 +26,7 @@ check compares the Task's vocabulary with the backbone's.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Optional
 
 import flax
@@ -45,6 +46,7 @@ from levi_jax import methods, optim, step as step_lib
 from levi_jax import trainer as trainer_lib
 from levi_jax.data import pipeline, tasks
 from levi_jax.input_pipeline import TaskData
+from levi_jax.models import t5_encoder
 
 # Methods whose training is one stage; lpft/wiseft are two T5X runs (LP, then
 # FT from the LP run's checkpoint).
@@ -111,7 +113,9 @@ class LeviT5XModel(t5x_models.BaseModel):
       split sizes the categorical features and starts the regression head.
     model: which method, backbone and small model (`trainer.ModelConfig`, as
       `levi_jax.train` reads it); `model.pretrained` is not supported here:
-      T5 backbones come from `INITIAL_CHECKPOINT_PATH`.
+      T5 backbones come from `INITIAL_CHECKPOINT_PATH`. The backbone's
+      `vocab_size` is the preset's unless `backbone_overrides` sets it (a T5X
+      checkpoint restores only into its own shapes).
     optimizer: the optax optimizer config for the trainable params.
     total_steps: the optimizer schedule's length in updates.
     loss: the task loss.
@@ -157,6 +161,12 @@ class LeviT5XModel(t5x_models.BaseModel):
         train={"targets": prepared.table.rows["rating"][prepared.rows("train")]},
         evals={}, features=tuple(prepared.feature_specs),
         vocab_size=pipeline.vocabulary_size(vocab))
+    self.features = summary.features
+    # The backbone's vocab_size is the preset's (T5X's: 32128 for T5 1.1) unless
+    # backbone_overrides sets it: a T5X checkpoint restores only into its own shapes.
+    preset_vocab = t5_encoder.PRESETS[model.backbone].vocab_size
+    model = dataclasses.replace(model, backbone_overrides={"vocab_size": preset_vocab,
+                                                           **model.backbone_overrides})
     self.method = trainer_lib.build_method(model, summary)
     self.module = self.method.module
     self.frozen = self.method.stages[0].frozen
@@ -180,6 +190,14 @@ class LeviT5XModel(t5x_models.BaseModel):
     input_types = input_types or {}
     batch = {k: jnp.ones(shape, input_types.get(k, jnp.int32 if k != "targets" else jnp.float32))
              for k, shape in input_shapes.items()}
+    # seqio's Evaluator (t5x.eval) reports only features of rank > 0 per example:
+    # the scalar categorical ids and the rating are filled in from the task.
+    size = next(iter(input_shapes.values()))[0]
+    for f in self.features:
+      if f.name not in batch:
+        batch[f.name] = jnp.ones((size,) if f.bag_size is None else (size, f.bag_size),
+                                 jnp.int32)
+    batch.setdefault("targets", jnp.ones((size,), jnp.float32))
     boxed = self.method.init(rng, batch)
     return flax.core.freeze({"params": nn.meta.unbox(boxed),
                              "params_axes": axes_collection(boxed)})
