@@ -323,3 +323,43 @@ def test_t5x_reads_our_tasks_as_our_trainer_does(exported):
   assert set(got) == set(mine) and n == len(mine["targets"]) // 16 * 16 > 0
   for k in mine:
     np.testing.assert_array_equal(got[k], mine[k][:n], err_msg=k)
+
+
+PAPER_FILES_CHECK = textwrap.dedent('''
+    import sys
+    import gin
+    import t5x.train as t5x_train
+    sys.modules["__main__"] = t5x_train  # T5X's run files configure `__main__.train`
+    from t5x import gin_utils
+    from levi_jax.data import pipeline
+    gin_dir, t5x_root, spm = sys.argv[1:4]
+    for size, emb in (("small", 512), ("base", 768), ("large", 1024)):
+      gin.clear_config()
+      gin_utils.parse_gin_flags([gin_dir, t5x_root], [f"t5x/levi_t5_1_1_{size}.gin"], [
+          "MODEL_DIR = '/tmp/unused'", "MIXTURE_OR_TASK_NAME = 'movielens_1m.gender_m_to_f'",
+          "INITIAL_CHECKPOINT_PATH = 'gs://unreachable/checkpoint_1000000'",
+          "TRAIN_STEPS = 1_010_000", f"VOCABULARY_PATH = '{spm}'"], finalize_config=False)
+      model = gin.query_parameter("%MODEL").scoped_configurable_fn()
+      cfg = model.method.module.backbone.config
+      lengths = gin.query_parameter("%TASK_FEATURE_LENGTHS")
+      print(size, type(model).__name__, model.method.name, cfg.emb_dim, cfg.vocab_size,
+            cfg.dtype, gin.query_parameter("%BATCH_SIZE"), lengths["inputs"],
+            gin.query_parameter("%USE_CACHED_TASKS"), model.frozen)
+''')
+
+
+def test_paper_run_files_build_their_models():
+  """The TPU-pod run files parse as T5X parses them and build LEVI on T5 1.1 small/base/large
+  (with a local vocabulary standing in for T5's on Cloud Storage)."""
+  import t5x
+  t5x_root = os.path.dirname(os.path.dirname(os.path.abspath(t5x.__file__)))
+  spm = pipeline.vocabulary_path("movielens_1m.gender_m_to_f")
+  proc = subprocess.run([sys.executable, "-c", PAPER_FILES_CHECK, GIN_DIR, t5x_root, spm],
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3"))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  rows = [l.split() for l in proc.stdout.splitlines() if l.split()[:1] in (["small"], ["base"],
+                                                                         ["large"])]
+  assert rows == [[size, "LeviT5XModel", "levi", emb, "32128", "bfloat16", "512", "128", "False",
+                   "('backbone',)"] for size, emb in (("small", "512"), ("base", "768"),
+                                                      ("large", "1024"))]
