@@ -32,6 +32,7 @@ from levi_jax.data import formats, paths
 from levi_jax.data.table import RatingsTable
 
 DEFAULT_MAX_BAD_FRACTION = 0.01
+DEFAULT_DUPLICATES = "keep"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +61,10 @@ class DatasetSpec:
     name: dataset name, the first part of its task names.
     family: 'movielens', 'amazon' or 'pretrain' (which shifts apply).
     subdir: canonical folder under a data root.
-    parse: reads the raw files under a data dir into a table.
+    parse: reads the raw files under a data dir into a table; takes the keyword
+      `duplicates` ('keep', 'drop' or 'error', see `levi_jax.data.formats`).
     features: the categorical features its examples carry.
+    first_year: the year of its first rating; earlier timestamps are malformed rows.
     tfds_name: the TFDS dataset, if TFDS has it.
     description: one line.
   """
@@ -69,8 +72,9 @@ class DatasetSpec:
   name: str
   family: str
   subdir: str
-  parse: Callable[[str], RatingsTable]
+  parse: Callable[..., RatingsTable]
   features: tuple[FeatureDef, ...]
+  first_year: int
   tfds_name: str | None = None
   description: str = ""
 
@@ -92,28 +96,31 @@ _AMAZON_FEATURES = _AMAZON_US_FEATURES + (
     FeatureDef("item_price_bucket", "item_price_bucket", 8),
 )
 
+
+def _raw_spec(name: str, family: str, subdir: str, parser: Callable[..., RatingsTable],
+              features: tuple[FeatureDef, ...], first_year: int, tfds_name: str | None,
+              description: str) -> DatasetSpec:
+  """A spec whose `parse` is `parser` bound to its name, folder and first year."""
+  parse = functools.partial(parser, dataset=name, subdir=subdir, first_year=first_year)
+  return DatasetSpec(name, family, subdir, parse, features, first_year, tfds_name, description)
+
+
 DATASETS: dict[str, DatasetSpec] = {
     s.name: s for s in (
-        DatasetSpec("movielens_100k", "movielens", "ml-100k",
-                    functools.partial(formats.parse_movielens_100k, dataset="movielens_100k",
-                                      subdir="ml-100k"), _ML_FEATURES,
-                    "movielens/100k-ratings", "MovieLens 100K"),
-        DatasetSpec("movielens_1m", "movielens", "ml-1m",
-                    functools.partial(formats.parse_movielens_1m, dataset="movielens_1m",
-                                      subdir="ml-1m"), _ML_FEATURES,
-                    "movielens/1m-ratings", "MovieLens 1M"),
-        DatasetSpec("amazon_2018", "amazon", "amazon_2018",
-                    functools.partial(formats.parse_amazon_2018, dataset="amazon_2018",
-                                      subdir="amazon_2018"), _AMAZON_FEATURES,
-                    None, "Amazon Reviews 2018 (Ni et al. 2019), JSON lines"),
-        DatasetSpec("amazon_us", "amazon", "amazon_us",
-                    functools.partial(formats.parse_amazon_us, dataset="amazon_us",
-                                      subdir="amazon_us"), _AMAZON_US_FEATURES,
-                    None, "Amazon US reviews (the TSVs behind TFDS amazon_us_reviews)"),
-        DatasetSpec("pretrain_corpus", "pretrain", os.path.join("pretrain", "ml-100k"),
-                    functools.partial(formats.parse_movielens_100k, dataset="pretrain_corpus",
-                                      subdir=os.path.join("pretrain", "ml-100k")), _ML_FEATURES,
-                    None, "the synthetic world's pre-training corpus (MovieLens 100K format)"),
+        _raw_spec("movielens_100k", "movielens", "ml-100k", formats.parse_movielens_100k,
+                  _ML_FEATURES, formats.ML100K_FIRST_YEAR, "movielens/100k-ratings",
+                  "MovieLens 100K"),
+        _raw_spec("movielens_1m", "movielens", "ml-1m", formats.parse_movielens_1m,
+                  _ML_FEATURES, formats.ML1M_FIRST_YEAR, "movielens/1m-ratings", "MovieLens 1M"),
+        _raw_spec("amazon_2018", "amazon", "amazon_2018", formats.parse_amazon_2018,
+                  _AMAZON_FEATURES, formats.AMAZON_2018_FIRST_YEAR, None,
+                  "Amazon Reviews 2018 (Ni et al. 2019), JSON lines"),
+        _raw_spec("amazon_us", "amazon", "amazon_us", formats.parse_amazon_us,
+                  _AMAZON_US_FEATURES, formats.AMAZON_US_FIRST_YEAR, None,
+                  "Amazon US reviews (the TSVs behind TFDS amazon_us_reviews)"),
+        _raw_spec("pretrain_corpus", "pretrain", os.path.join("pretrain", "ml-100k"),
+                  formats.parse_movielens_100k, _ML_FEATURES, formats.ML100K_FIRST_YEAR, None,
+                  "the synthetic world's pre-training corpus (MovieLens 100K format)"),
     )
 }
 
@@ -204,31 +211,50 @@ def _fingerprint(dataset: str, data_dir: str) -> tuple:
 
 
 def load_table(dataset: str, data_dir: str | None = None,
-               max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> RatingsTable:
+               max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+               duplicates: str = DEFAULT_DUPLICATES) -> RatingsTable:
   """Reads `dataset` from `data_dir` (see `levi_jax.data.paths`), cached per process.
+
+  Args:
+    dataset: a key of `DATASETS`.
+    data_dir: raw files, `tfds[:DIR]`, or None (`LEVI_DATA_DIR` or the synthetic world).
+    max_bad_fraction: malformed-row tolerance per file.
+    duplicates: rating rows repeating an earlier (user, item, timestamp): 'keep'
+      (counted, a warning), 'drop' (the first of each kept) or 'error'. Raw files
+      only; a TFDS source is read as TFDS holds it ('keep').
 
   Raises:
     MissingFilesError: no such files (the message lists the files expected).
-    MalformedDataError: a file has more malformed rows than `max_bad_fraction`.
+    MalformedDataError: a file has more malformed rows than `max_bad_fraction`,
+      is in another encoding than the dataset declares, or has duplicates with
+      `duplicates='error'`.
   """
   spec = get_spec(dataset)
+  if duplicates not in formats.DUPLICATE_POLICIES:
+    raise ValueError(f"duplicates must be one of {formats.DUPLICATE_POLICIES}, got "
+                     f"{duplicates!r}")
   resolved = paths.resolve_data_dir(data_dir)
-  return _load_table(spec.name, resolved, _fingerprint(spec.name, resolved), max_bad_fraction)
+  return _load_table(spec.name, resolved, _fingerprint(spec.name, resolved), max_bad_fraction,
+                     duplicates)
 
 
 @functools.lru_cache(maxsize=8)
 def _load_table(dataset: str, data_dir: str, fingerprint: tuple,
-                max_bad_fraction: float) -> RatingsTable:
+                max_bad_fraction: float, duplicates: str) -> RatingsTable:
   del fingerprint  # Part of the cache key only: files changed on disk are re-read.
   spec = DATASETS[dataset]
   if paths.is_tfds(data_dir):
     if spec.tfds_name is None:
       raise ValueError(f"{dataset} is not in TFDS; pass a directory of its raw files as data_dir")
+    if duplicates != "keep":
+      raise ValueError(f"duplicates={duplicates!r} applies to raw files; a TFDS source "
+                       f"({data_dir}) is read as TFDS holds it: pass duplicates='keep', or a "
+                       "directory of raw files")
     from levi_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
 
     table = tfds_source.load_movielens(dataset, spec.tfds_name, paths.tfds_data_dir(data_dir))
   else:
-    table = spec.parse(data_dir)
+    table = spec.parse(data_dir, duplicates=duplicates)
   table.report.check(max_bad_fraction)
   logging.info("%s: %d ratings, %d users, %d items from %s", dataset, table.num_rows,
                table.num_users, table.num_items, table.source)

@@ -23,8 +23,24 @@ most four levels),
 the rating being predicted.
 
 Rows that cannot be used (wrong field count, unparseable or out-of-range
-numbers, unknown user/item ids, invalid JSON or UTF-8, missing required fields)
-are counted per file (`levi_jax.data.report`); blank lines are not rows.
+numbers, unknown user/item ids, invalid JSON, missing required fields, a
+timestamp before the dataset's first year or in the future) are counted per
+file (`levi_jax.data.report`); blank lines are not rows.
+
+Each format declares its encoding (MovieLens Latin-1, Amazon UTF-8) and rows
+are decoded strictly by it. A row that does not decode is malformed, and so is
+a kept text field holding U+FFFD (the replacement character: the text was
+mis-decoded before it was written). Latin-1 decodes any byte, so in a Latin-1
+file a row whose non-ASCII bytes are valid multi-byte UTF-8 (mojibake: "Café"
+in UTF-8 reads "CafÃ©") is malformed too, and a file whose non-ASCII rows are
+all UTF-8 is UTF-8-encoded as a whole: `MalformedDataError`, whatever the
+tolerance. The real MovieLens 100K `u.item` has 9 non-ASCII rows (Latin-1
+bytes such as 0xE9) in 1682, so re-encoded as UTF-8 it would fall within a
+per-row tolerance of 1%.
+
+Rating rows repeating an earlier row's (user, item, timestamp) are counted per
+file; `duplicates` says what to do with them: 'keep' (the default; a
+warning), 'drop' (the first of each is kept) or 'error'.
 """
 
 from __future__ import annotations
@@ -33,11 +49,14 @@ import calendar
 import gzip
 import html
 import json
+import logging
 import os
 import re
 import time
 import zlib
 from typing import Any, Callable, Iterator
+
+import numpy as np
 
 from levi_jax.data.report import (FileReport, LoadReport, MalformedDataError,
                                   missing_files_error)
@@ -93,6 +112,22 @@ AMAZON_META_RE = re.compile(r"^meta_(?P<cat>.+?)\.json(?:\.gz)?$")
 AMAZON_TSV_RE = re.compile(r"^amazon_reviews_(?:us_)?(?P<cat>.+?)(?:_v\d+_\d+)?\.tsv(?:\.gz)?$")
 AMAZON_TSV_REQUIRED = ("customer_id", "product_id", "star_rating", "review_date")
 
+# The encodings the publishers declare.
+MOVIELENS_ENCODING = "latin-1"
+AMAZON_ENCODING = "utf-8"
+# The year of each dataset's first rating; earlier timestamps are malformed rows.
+# MovieLens began in 1997 (100K: Sep 1997 - Apr 1998). The 1M ratings were made
+# from 2000 on, but the synthetic world writes its 1M-format files over the 100K
+# span, so 1M is held to MovieLens's first year too. Amazon Reviews 2018 starts
+# in 1996; the amazon_us TSVs in 1995, Amazon's first year.
+ML100K_FIRST_YEAR = 1997
+ML1M_FIRST_YEAR = 1997
+AMAZON_2018_FIRST_YEAR = 1996
+AMAZON_US_FIRST_YEAR = 1995
+# Timestamps up to a day past the clock are accepted (dates given in a zone ahead of UTC).
+_CLOCK_SLACK_S = 86400
+DUPLICATE_POLICIES = ("keep", "drop", "error")
+
 
 class _BadRow(Exception):
   """A row that cannot be used; the message is the reason."""
@@ -114,9 +149,33 @@ def read_lines(path: str) -> Iterator[tuple[int, bytes]]:
         "download the file again") from None
 
 
+def _utf8_in_latin1(raw: bytes) -> str | None:
+  """Why non-ASCII Latin-1 row `raw` looks UTF-8-encoded, or None if it does not."""
+  try:
+    as_utf8 = raw.decode("utf-8")
+  except UnicodeDecodeError:
+    return None  # Non-ASCII bytes that are not UTF-8: Latin-1 as declared.
+  if "\ufffd" in as_utf8:
+    return ("holds U+FFFD (the replacement character) UTF-8-encoded: the text was mis-decoded "
+            "before it was written; the dataset declares latin-1")
+  # Split at ASCII only, so each word is whole UTF-8.
+  word = next(w for w in re.split(rb"[\s|:]+", raw) if not w.isascii())
+  return (f"looks UTF-8-encoded ({word.decode('latin-1')[:40]!r} is "
+          f"{word.decode('utf-8')[:40]!r} in UTF-8); the dataset declares latin-1")
+
+
 def _rows(path: str, rep: FileReport, encoding: str, skip: int = 0,
           strip: bool = True) -> Iterator[tuple[int, str]]:
-  """Non-blank decoded lines of `path` (after `skip` header lines), counted in `rep`."""
+  """Non-blank lines of `path` (after `skip` header lines) decoded strictly, counted in `rep`.
+
+  Rows that do not decode by `encoding`, and in a Latin-1 file rows that look
+  UTF-8-encoded, are malformed (recorded in `rep`, not yielded).
+
+  Raises:
+    MalformedDataError: a Latin-1 file whose non-ASCII rows all look UTF-8-encoded.
+  """
+  latin1_rows = 0
+  utf8_rows: list[tuple[int, str]] = []
   for n, raw in read_lines(path):
     if n <= skip:
       continue
@@ -131,7 +190,136 @@ def _rows(path: str, rep: FileReport, encoding: str, skip: int = 0,
     if not text.strip():
       continue
     rep.rows += 1
+    if encoding == "latin-1" and not raw.isascii():
+      reason = _utf8_in_latin1(raw)
+      if reason:
+        utf8_rows.append((n, reason))
+        rep.add_bad(n, reason, text)
+        continue
+      latin1_rows += 1
     yield n, text
+  if utf8_rows and not latin1_rows:
+    n, reason = utf8_rows[0]
+    raise MalformedDataError(
+        f"{path}: the file looks UTF-8-encoded: all {len(utf8_rows)} rows with non-ASCII bytes "
+        f"are valid UTF-8 and none is {encoding} (line {n}: {reason}). Use the publisher's "
+        f"file, or re-encode it: iconv -f utf-8 -t {encoding}")
+
+
+def _no_replacement_char(**fields: Any) -> None:
+  """Raises `_BadRow` if a kept text field holds U+FFFD, the replacement character."""
+  for name, value in fields.items():
+    if isinstance(value, str) and "\ufffd" in value:
+      raise _BadRow(f"{name} {value[:60]!r} holds U+FFFD (the replacement character): the text "
+                    "was mis-decoded before it was written")
+
+
+def _date(ts: int) -> str:
+  try:
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+  except (OverflowError, OSError, ValueError):
+    return "out of range"
+
+
+class _Ratings:
+  """Rating rows as parsed, each with the file and line it came from.
+
+  Checks timestamps against the dataset's first year and the clock, and applies
+  the duplicates policy (`columns`).
+  """
+
+  def __init__(self, first_year: int, duplicates: str):
+    if duplicates not in DUPLICATE_POLICIES:
+      raise ValueError(f"duplicates must be one of {DUPLICATE_POLICIES}, got {duplicates!r}")
+    self.first_year = first_year
+    self.duplicates = duplicates
+    self._earliest = calendar.timegm((first_year, 1, 1, 0, 0, 0))
+    self._latest = int(time.time()) + _CLOCK_SLACK_S
+    self.user_ids: list[str] = []
+    self.item_ids: list[str] = []
+    self.ratings: list[float] = []
+    self.timestamps: list[int] = []
+    self._files: list[FileReport] = []
+    self._lines: list[int] = []
+
+  def add(self, rep: FileReport, line_no: int, user: str, item: str, rating: float, ts: int,
+          what: str = "timestamp") -> None:
+    """Appends a rating row read from line `line_no` of `rep`'s file.
+
+    Raises:
+      _BadRow: `ts` (seconds since 1970) before the first year or in the future.
+    """
+    if ts < self._earliest:
+      raise _BadRow(f"{what} {ts} ({_date(ts)}) is before {self.first_year}, the dataset's "
+                    "first year; expected seconds since 1970 (a number cut short?)")
+    if ts > self._latest:
+      raise _BadRow(f"{what} {ts} ({_date(ts)}) is in the future; expected seconds since 1970 "
+                    f"from {self.first_year} on")
+    self.user_ids.append(user)
+    self.item_ids.append(item)
+    self.ratings.append(rating)
+    self.timestamps.append(ts)
+    self._files.append(rep)
+    self._lines.append(line_no)
+
+  def _duplicates(self) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of rows repeating an earlier row's (user, item, timestamp), and of that row."""
+    n = len(self.timestamps)
+    if n < 2:
+      return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    u = np.unique(np.asarray(self.user_ids, dtype=object).astype(str), return_inverse=True)[1]
+    i = np.unique(np.asarray(self.item_ids, dtype=object).astype(str), return_inverse=True)[1]
+    t = np.asarray(self.timestamps, np.int64)
+    order = np.lexsort((t, i, u))  # Stable: equal keys stay in reading order.
+    su, si, st = u[order], i[order], t[order]
+    same = (su[1:] == su[:-1]) & (si[1:] == si[:-1]) & (st[1:] == st[:-1])
+    new_key = np.concatenate([[True], ~same])
+    first = order[np.flatnonzero(new_key)[np.cumsum(new_key) - 1]]
+    return order[1:][same], first[1:][same]
+
+  def columns(self) -> dict[str, list]:
+    """The rows for `build_table`, after counting duplicates and applying the policy.
+
+    Raises:
+      MalformedDataError: duplicates with policy 'error', naming each file, its
+        count and an example.
+    """
+    dup, first = self._duplicates()
+    cols = {"user_ids": self.user_ids, "item_ids": self.item_ids, "ratings": self.ratings,
+            "timestamps": self.timestamps}
+    if not len(dup):
+      return cols
+    by_file: dict[str, list[tuple[int, int]]] = {}
+    for d, f in sorted(zip(dup.tolist(), first.tolist())):
+      by_file.setdefault(self._files[d].path, []).append((d, f))
+    problems = []
+    for pairs in by_file.values():
+      d, f = pairs[0]
+      rep = self._files[d]
+      where = (f"line {self._lines[f]}" if self._files[f] is rep
+               else f"line {self._lines[f]} of {self._files[f].path}")
+      differ = sum(self.ratings[a] != self.ratings[b] for a, b in pairs)
+      text = (f"{len(pairs)} duplicated (user, item, timestamp) rating rows"
+              f"{f' ({differ} with another rating)' if differ else ''}, e.g. line "
+              f"{self._lines[d]} (user {self.user_ids[d]!r}, item {self.item_ids[d]!r}, "
+              f"timestamp {self.timestamps[d]}, rating {self.ratings[d]:g}) repeats {where}")
+      if self.duplicates == "keep":
+        rep.notes.append(f"{text}; all kept (duplicates='keep'; 'drop' keeps the first of each)")
+        logging.warning("%s: %s", rep.path, rep.notes[-1])
+      elif self.duplicates == "drop":
+        rep.notes.append(f"{text}; dropped, the first of each kept (duplicates='drop')")
+        logging.info("%s: %s", rep.path, rep.notes[-1])
+      problems.append(f"{rep.path}: {text}")
+    if self.duplicates == "error":
+      raise MalformedDataError(
+          "duplicated rating rows (duplicates='error'; pass duplicates='keep' or 'drop' to "
+          "load them):\n" + "\n".join(problems))
+    if self.duplicates == "drop":
+      keep = np.ones(len(self.timestamps), bool)
+      keep[dup] = False
+      kept = np.flatnonzero(keep).tolist()
+      cols = {name: [col[j] for j in kept] for name, col in cols.items()}
+    return cols
 
 
 def _int(s: str, what: str) -> int:
@@ -169,23 +357,18 @@ def _parse_file(path: str, report: LoadReport, encoding: str,
 
 
 def _ratings_file(path: str, report: LoadReport, sep: str, users: dict, items: dict,
-                  out: dict[str, list]) -> None:
-  def row(text: str) -> None:
-    u, i, r, t = _fields(text, sep, 4, "rating")
-    if u not in users:
-      raise _BadRow(f"unknown user id {u!r}")
-    if i not in items:
-      raise _BadRow(f"unknown movie id {i!r}")
-    rating, ts = _rating(r), _int(t, "timestamp")
-    out["user_ids"].append(u)
-    out["item_ids"].append(i)
-    out["ratings"].append(rating)
-    out["timestamps"].append(ts)
-  _parse_file(path, report, "latin-1", row)
-
-
-def _empty_lists() -> dict[str, list]:
-  return {"user_ids": [], "item_ids": [], "ratings": [], "timestamps": []}
+                  out: _Ratings) -> None:
+  rep = report.new_file(path)
+  for n, text in _rows(path, rep, MOVIELENS_ENCODING):
+    try:
+      u, i, r, t = _fields(text, sep, 4, "rating")
+      if u not in users:
+        raise _BadRow(f"unknown user id {u!r}")
+      if i not in items:
+        raise _BadRow(f"unknown movie id {i!r}")
+      out.add(rep, n, u, i, _rating(r), _int(t, "timestamp"))
+    except _BadRow as e:
+      rep.add_bad(n, str(e), text)
 
 
 def bucketize_age(age: int) -> int:
@@ -208,8 +391,17 @@ def find_dir(dataset: str, data_dir: str, subdir: str, required: tuple[str, ...]
 
 
 def parse_movielens_100k(data_dir: str, dataset: str = "movielens_100k",
-                         subdir: str = "ml-100k") -> RatingsTable:
-  """Parses MovieLens 100K files (`u.data`, `u.user`, `u.item`) into a table."""
+                         subdir: str = "ml-100k", first_year: int = ML100K_FIRST_YEAR,
+                         duplicates: str = "keep") -> RatingsTable:
+  """Parses MovieLens 100K files (`u.data`, `u.user`, `u.item`) into a table.
+
+  Args:
+    data_dir: the folder holding `subdir` (or the files themselves).
+    dataset: the table's dataset name.
+    subdir: the canonical folder under `data_dir`.
+    first_year: earlier rating timestamps are malformed rows.
+    duplicates: 'keep', 'drop' or 'error' for repeated (user, item, timestamp) rows.
+  """
   d = find_dir(dataset, data_dir, subdir, ML100K_FILES,
                "MovieLens 100K: u.data (user\\titem\\trating\\ttimestamp), u.user "
                "(id|age|gender|occupation|zip), u.item (id|title|release|video release|url|"
@@ -237,18 +429,22 @@ def parse_movielens_100k(data_dir: str, dataset: str = "movielens_100k",
     items[parts[0]] = {"movie_title": parts[1],
                        "movie_genres": [g for g, f in zip(ML100K_GENRE_FLAGS, flags) if f == "1"]}
 
-  _parse_file(os.path.join(d, "u.user"), report, "latin-1", user_row)
-  _parse_file(os.path.join(d, "u.item"), report, "latin-1", item_row)
-  out = _empty_lists()
+  out = _Ratings(first_year, duplicates)
+  _parse_file(os.path.join(d, "u.user"), report, MOVIELENS_ENCODING, user_row)
+  _parse_file(os.path.join(d, "u.item"), report, MOVIELENS_ENCODING, item_row)
   _ratings_file(os.path.join(d, "u.data"), report, "\t", users, items, out)
-  return build_table(dataset, d, **out, user_attrs=users, item_attrs=items,
+  return build_table(dataset, d, **out.columns(), user_attrs=users, item_attrs=items,
                      user_columns=ML100K_USER_COLUMNS, item_columns=ML_ITEM_COLUMNS,
                      report=report)
 
 
 def parse_movielens_1m(data_dir: str, dataset: str = "movielens_1m",
-                       subdir: str = "ml-1m") -> RatingsTable:
-  """Parses MovieLens 1M files (`ratings.dat`, `users.dat`, `movies.dat`) into a table."""
+                       subdir: str = "ml-1m", first_year: int = ML1M_FIRST_YEAR,
+                       duplicates: str = "keep") -> RatingsTable:
+  """Parses MovieLens 1M files (`ratings.dat`, `users.dat`, `movies.dat`) into a table.
+
+  Args are those of `parse_movielens_100k`.
+  """
   d = find_dir(dataset, data_dir, subdir, ML1M_FILES,
                "MovieLens 1M: ratings.dat (UserID::MovieID::Rating::Timestamp), users.dat "
                "(UserID::Gender::Age::Occupation::Zip-code), movies.dat "
@@ -281,11 +477,11 @@ def parse_movielens_1m(data_dir: str, dataset: str = "movielens_1m",
       raise _BadRow(f"unknown genres {unknown}")
     items[mid] = {"movie_title": title, "movie_genres": names}
 
-  _parse_file(os.path.join(d, "users.dat"), report, "latin-1", user_row)
-  _parse_file(os.path.join(d, "movies.dat"), report, "latin-1", item_row)
-  out = _empty_lists()
+  out = _Ratings(first_year, duplicates)
+  _parse_file(os.path.join(d, "users.dat"), report, MOVIELENS_ENCODING, user_row)
+  _parse_file(os.path.join(d, "movies.dat"), report, MOVIELENS_ENCODING, item_row)
   _ratings_file(os.path.join(d, "ratings.dat"), report, "::", users, items, out)
-  return build_table(dataset, d, **out, user_attrs=users, item_attrs=items,
+  return build_table(dataset, d, **out.columns(), user_attrs=users, item_attrs=items,
                      user_columns=ML_USER_COLUMNS, item_columns=ML_ITEM_COLUMNS, report=report)
 
 
@@ -340,8 +536,13 @@ def _amazon_files(d: str) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def parse_amazon_2018(data_dir: str, dataset: str = "amazon_2018",
-                      subdir: str = "amazon_2018") -> RatingsTable:
-  """Parses Amazon Reviews 2018 per-category JSON-lines files into a table."""
+                      subdir: str = "amazon_2018", first_year: int = AMAZON_2018_FIRST_YEAR,
+                      duplicates: str = "keep") -> RatingsTable:
+  """Parses Amazon Reviews 2018 per-category JSON-lines files into a table.
+
+  Args are those of `parse_movielens_100k`. Only the fields kept are checked
+  for U+FFFD (not a review's text, summary or reviewer name).
+  """
   candidates = [os.path.join(data_dir, subdir), data_dir]
   d = next((c for c in candidates if os.path.isdir(c) and _amazon_files(c)[0]), None)
   if d is None:
@@ -351,11 +552,12 @@ def parse_amazon_2018(data_dir: str, dataset: str = "amazon_2018",
         "Amazon Reviews 2018 (Ni et al. 2019) per-category JSON lines.")
   reviews, metas = _amazon_files(d)
   report = LoadReport()
+  out = _Ratings(first_year, duplicates)
   items: dict[str, dict] = {}
   for path in sorted(metas.values()):
     rep = report.new_file(path)
-    duplicates = 0
-    for n, text in _rows(path, rep, "utf-8"):
+    repeated = 0
+    for n, text in _rows(path, rep, AMAZON_ENCODING):
       try:
         rec = json.loads(text)
         if not isinstance(rec, dict):
@@ -363,25 +565,26 @@ def parse_amazon_2018(data_dir: str, dataset: str = "amazon_2018",
         asin = rec.get("asin")
         if not isinstance(asin, str) or not asin:
           raise _BadRow("no asin")
+        path_cats = rec.get("category") if isinstance(rec.get("category"), list) else []
+        _no_replacement_char(asin=asin, title=rec.get("title"), brand=rec.get("brand"),
+                             **{f"category[{k}]": c for k, c in enumerate(path_cats[:5])})
       except (json.JSONDecodeError, _BadRow) as e:
         rep.add_bad(n, f"invalid metadata: {e}", text)
         continue
       if asin in items:
-        duplicates += 1
+        repeated += 1
         continue
-      path_cats = rec.get("category") if isinstance(rec.get("category"), list) else []
       items[asin] = {"item_title": _clean(rec.get("title")),
                      "item_subcategories": [_clean(c) for c in path_cats[1:5] if _clean(c)],
                      "item_brand": _clean(rec.get("brand")),
                      "item_price": parse_price(rec.get("price"))}
-    if duplicates:
-      rep.notes.append(f"{duplicates} repeated asins; the first metadata line of each is used")
-  out = _empty_lists()
+    if repeated:
+      rep.notes.append(f"{repeated} repeated asins; the first metadata line of each is used")
   item_category: dict[str, str] = {}
   for cat, path in sorted(reviews.items()):
     rep = report.new_file(path)
     conflicts = 0
-    for n, text in _rows(path, rep, "utf-8"):
+    for n, text in _rows(path, rep, AMAZON_ENCODING):
       try:
         try:
           rec = json.loads(text)
@@ -394,31 +597,33 @@ def parse_amazon_2018(data_dir: str, dataset: str = "amazon_2018",
           raise _BadRow("no reviewerID")
         if not isinstance(asin, str) or not asin:
           raise _BadRow("no asin")
+        _no_replacement_char(reviewerID=user, asin=asin)
         if "overall" not in rec:
           raise _BadRow("no overall rating")
-        rating = _rating(rec["overall"], "overall")
-        ts = _review_time(rec)
+        out.add(rep, n, user, asin, _rating(rec["overall"], "overall"), _review_time(rec),
+                "review time")
       except _BadRow as e:
         rep.add_bad(n, str(e), text)
         continue
       if item_category.setdefault(asin, cat) != cat:
         conflicts += 1
-      out["user_ids"].append(user)
-      out["item_ids"].append(asin)
-      out["ratings"].append(rating)
-      out["timestamps"].append(ts)
     if conflicts:
       rep.notes.append(f"{conflicts} reviews of items first seen in another category file; "
                        "those items keep their first category")
   for asin, cat in item_category.items():
     items.setdefault(asin, {})["item_category"] = cat
-  return build_table(dataset, d, **out, user_attrs={}, item_attrs=items, user_columns={},
-                     item_columns=AMAZON_ITEM_COLUMNS, report=report)
+  return build_table(dataset, d, **out.columns(), user_attrs={}, item_attrs=items,
+                     user_columns={}, item_columns=AMAZON_ITEM_COLUMNS, report=report)
 
 
 def parse_amazon_us(data_dir: str, dataset: str = "amazon_us",
-                    subdir: str = "amazon_us") -> RatingsTable:
-  """Parses the `amazon_reviews_us_*.tsv[.gz]` files behind TFDS's `amazon_us_reviews`."""
+                    subdir: str = "amazon_us", first_year: int = AMAZON_US_FIRST_YEAR,
+                    duplicates: str = "keep") -> RatingsTable:
+  """Parses the `amazon_reviews_us_*.tsv[.gz]` files behind TFDS's `amazon_us_reviews`.
+
+  Args are those of `parse_movielens_100k`. Only the fields kept are checked
+  for U+FFFD (not a review's headline or body).
+  """
   candidates = [os.path.join(data_dir, subdir), data_dir]
 
   def tsv_files(c: str) -> list[str]:
@@ -434,17 +639,17 @@ def parse_amazon_us(data_dir: str, dataset: str = "amazon_us",
                               "product_title, product_category, star_rating, review_date, ...).")
   report = LoadReport()
   items: dict[str, dict] = {}
-  out = _empty_lists()
+  out = _Ratings(first_year, duplicates)
   for path in tsv_files(d):
     rep = report.new_file(path)
     file_cat = AMAZON_TSV_RE.match(os.path.basename(path)).group("cat")
     header: list[str] | None = None
     for n, raw in read_lines(path):
       try:
-        text = raw.decode("utf-8")
+        text = raw.decode(AMAZON_ENCODING)
       except UnicodeDecodeError as e:
         rep.rows += 1
-        rep.add_bad(n, f"not valid utf-8 ({e.reason})", raw.decode("latin-1"))
+        rep.add_bad(n, f"not valid {AMAZON_ENCODING} ({e.reason})", raw.decode("latin-1"))
         continue
       if header is None:
         header = text.split("\t")
@@ -465,21 +670,20 @@ def parse_amazon_us(data_dir: str, dataset: str = "amazon_us",
         user, item = parts[col["customer_id"]].strip(), parts[col["product_id"]].strip()
         if not user or not item:
           raise _BadRow("empty customer_id or product_id")
+        category = parts[col["product_category"]].strip() if "product_category" in col else ""
+        title = parts[col["product_title"]] if "product_title" in col else ""
+        _no_replacement_char(customer_id=user, product_id=item, product_title=title,
+                             product_category=category)
         rating = _rating(parts[col["star_rating"]], "star_rating")
         try:
           ts = calendar.timegm(time.strptime(parts[col["review_date"]].strip(), "%Y-%m-%d"))
         except ValueError:
           raise _BadRow(f"review_date {parts[col['review_date']]!r} is not YYYY-MM-DD") from None
+        out.add(rep, n, user, item, rating, ts, "review_date")
       except _BadRow as e:
         rep.add_bad(n, str(e), text)
         continue
       if item not in items:
-        category = parts[col["product_category"]].strip() if "product_category" in col else ""
-        title = parts[col["product_title"]] if "product_title" in col else ""
         items[item] = {"item_title": _clean(title), "item_category": category or file_cat}
-      out["user_ids"].append(user)
-      out["item_ids"].append(item)
-      out["ratings"].append(rating)
-      out["timestamps"].append(ts)
-  return build_table(dataset, d, **out, user_attrs={}, item_attrs=items, user_columns={},
-                     item_columns=AMAZON_US_ITEM_COLUMNS, report=report)
+  return build_table(dataset, d, **out.columns(), user_attrs={}, item_attrs=items,
+                     user_columns={}, item_columns=AMAZON_US_ITEM_COLUMNS, report=report)
