@@ -312,8 +312,8 @@ def test_demo_gin_uses_the_committed_checkpoint(tmp_path, monkeypatch):
   assert paths.shipped_path(path) == CHECKPOINT
   assert "pre-trained, from experiments/checkpoints/synthetic_t5_small" == demo.backbone_note()
   assert gin.query_parameter("%BACKBONE") == manifest["backbone"]
-  assert gin.query_parameter("trainer.ModelConfig.backbone_overrides") == \
-      manifest["backbone_overrides"]
+  assert gin.query_parameter("trainer.ModelConfig.backbone_overrides") == {
+      **manifest["backbone_overrides"], "vocab_size": manifest["vocab_size"]}
   assert gin.query_parameter("%SEQ_LENGTH") == manifest["seq_length"]
   gin.clear_config()
 
