@@ -183,7 +183,7 @@ def load_task_data(cfg, vocabulary_file: str | None = None,
       tokenized and kept); None: every row.
   """
   from levi_jax.data import pipeline
-  task = pipeline.prepare(cfg.task, cfg.data_dir or None)
+  task = pipeline.prepare(cfg.task, cfg.data_dir or None, duplicates=cfg.duplicates)
   wordpiece = vocabulary_file is not None and vocabulary_file.endswith(".txt")
   spm_path = None if wordpiece else vocabulary_file
   arrays, sizes = {}, {}
@@ -200,7 +200,7 @@ def load_task_data(cfg, vocabulary_file: str | None = None,
     else:
       arrays[split] = dict(pipeline.load_split_arrays(
           cfg.task, split, task.data_dir, inputs_length=cfg.seq_length, vocab_path=spm_path,
-          select=select))
+          select=select, duplicates=cfg.duplicates))
   if wordpiece:
     with open(vocabulary_file, encoding="utf-8") as f:
       vocab_size = sum(1 for _ in f)

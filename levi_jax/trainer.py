@@ -142,6 +142,9 @@ class DataConfig:
       feeds. 0: one per process feeding data. The batches depend on this
       number, not on the process count: a run on one process with
       `input_shards = N` sees the batches of a run on N processes.
+    duplicates: rating rows of the raw files that repeat an earlier (user,
+      item, timestamp): 'keep' (counted, a warning), 'drop' (the first of each
+      kept) or 'error' (`levi_jax.data.datasets.load_table`).
   """
 
   task: str = "movielens_100k.gender_m_to_f"
@@ -154,10 +157,15 @@ class DataConfig:
   tap_cache_dir: str = ""
   vocabulary_path: str = ""
   input_shards: int = 0
+  duplicates: str = "keep"
 
   def __post_init__(self):
     if self.batch_size < 1 or self.eval_batch_size < 1 or self.seq_length < 1:
       raise ValueError(f"DataConfig: sizes must be positive, got {self}")
+    from levi_jax.data import formats
+    if self.duplicates not in formats.DUPLICATE_POLICIES:
+      raise ValueError(f"DataConfig.duplicates must be one of {formats.DUPLICATE_POLICIES}, "
+                       f"got {self.duplicates!r}")
     if self.input_shards < 0:
       raise ValueError(f"DataConfig.input_shards must be >= 0 (0: one per process), "
                        f"got {self.input_shards}")
@@ -462,7 +470,10 @@ def train(
   trajectory = json.loads(json.dumps(
       {"optimizer": dataclasses.asdict(optimizer), "loss": dataclasses.asdict(loss),
        "batch_size": data.batch_size, "seq_length": data.seq_length, "data_seed": data.seed,
-       "task": data.task, "seed": loop.seed, "num_steps": loop.num_steps}, default=str))
+       "task": data.task, "seed": loop.seed, "num_steps": loop.num_steps,
+       # (only when not the default, so checkpoints written before it existed resume)
+       **({"duplicates": data.duplicates} if data.duplicates != "keep" else {})},
+      default=str))
   rng = jax.random.PRNGKey(loop.seed)
   init_rng, dropout_rng = jax.random.split(rng)
   bounds = stage_bounds(method, loop.num_steps)

@@ -225,3 +225,35 @@ def test_duplicated_reviews_across_amazon_files_name_both(tmp_path):
           in str(err.value))
   assert formats.parse_amazon_2018(a, duplicates="drop").num_rows == 5
   assert formats.parse_amazon_2018(a).num_rows == 6
+
+
+def test_duplicates_policy_reaches_tasks_and_the_trainer_config(monkeypatch):
+  """The policy goes from DataConfig / the seqio Tasks through pipeline.prepare to load_table."""
+  from levi_jax import trainer
+  from levi_jax.data import pipeline
+  from levi_jax.input_pipeline import load_task_data
+  seen = []
+  real = datasets.load_table
+
+  def spy(dataset, data_dir=None, max_bad_fraction=datasets.DEFAULT_MAX_BAD_FRACTION,
+          duplicates=datasets.DEFAULT_DUPLICATES):
+    seen.append(duplicates)
+    return real(dataset, data_dir, max_bad_fraction, duplicates)
+
+  monkeypatch.setattr(datasets, "load_table", spy)
+  task = "movielens_100k.gender_m_to_f"
+  data = load_task_data(trainer.DataConfig(task=task, seq_length=16, duplicates="drop"))
+  assert seen and set(seen) == {"drop"} and len(data.train["targets"]) > 0
+  seen.clear()
+  pipeline.load_split_arrays(task, "id_test", inputs_length=16, duplicates="error")
+  assert set(seen) == {"error"}  # the synthetic world has no duplicates: nothing raised
+  from levi_jax.data import tasks
+  seen.clear()
+  tasks.register_tasks(duplicates="drop")
+  try:
+    next(iter(tasks.get_dataset(task, "id_test", inputs_length=16)))
+  finally:
+    tasks.register_tasks()
+  assert set(seen) == {"drop"}
+  with pytest.raises(ValueError, match=r"DataConfig.duplicates must be one of"):
+    trainer.DataConfig(duplicates="dedupe")

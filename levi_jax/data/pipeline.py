@@ -213,11 +213,16 @@ class PreparedTask:
 
 
 def prepare(name: str, data_dir: str | None = None,
-            max_bad_fraction: float = datasets.DEFAULT_MAX_BAD_FRACTION) -> PreparedTask:
-  """Loads and splits task `name`, and builds its feature vocabularies (cached)."""
+            max_bad_fraction: float = datasets.DEFAULT_MAX_BAD_FRACTION,
+            duplicates: str = datasets.DEFAULT_DUPLICATES) -> PreparedTask:
+  """Loads and splits task `name`, and builds its feature vocabularies (cached).
+
+  `duplicates`: what to do with rating rows that repeat an earlier (user, item,
+  timestamp): 'keep', 'drop' or 'error' (`datasets.load_table`).
+  """
   spec, _ = lookup_task(name)
   resolved = paths.resolve_data_dir(data_dir)
-  table = datasets.load_table(spec.name, resolved, max_bad_fraction)
+  table = datasets.load_table(spec.name, resolved, max_bad_fraction, duplicates)
   return _prepare(name, resolved, table)
 
 
@@ -236,10 +241,10 @@ def _side_texts(table: RatingsTable) -> tuple[np.ndarray, np.ndarray]:
 
 
 def feature_specs(name: str, data_dir: str | None = None,
-                  max_bad_fraction: float = datasets.DEFAULT_MAX_BAD_FRACTION
-                  ) -> list[CategoricalFeature]:
+                  max_bad_fraction: float = datasets.DEFAULT_MAX_BAD_FRACTION,
+                  duplicates: str = datasets.DEFAULT_DUPLICATES) -> list[CategoricalFeature]:
   """The categorical features the examples of task `name` carry (sizes from its data)."""
-  return prepare(name, data_dir, max_bad_fraction).feature_specs
+  return prepare(name, data_dir, max_bad_fraction, duplicates).feature_specs
 
 
 def vocabulary_path(name: str, data_dir: str | None = None, vocab_path: str | None = None,
@@ -301,10 +306,12 @@ def load_split_arrays(name: str, split: str, data_dir: str | None = None,
                       inputs_length: int = DEFAULT_INPUTS_LENGTH, vocab_path: str | None = None,
                       max_bad_fraction: float = datasets.DEFAULT_MAX_BAD_FRACTION,
                       shard: tuple[int, int] | None = None,
-                      select: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                      select: np.ndarray | None = None,
+                      duplicates: str = datasets.DEFAULT_DUPLICATES) -> dict[str, np.ndarray]:
   """A split as numpy arrays, in the split's (deterministic) order.
 
   Args:
+    duplicates: see `prepare`.
     shard: `(index, num_shards)`: only that shard's rows (`shard_positions`),
       the rows `seqio.get_dataset(..., shard_info=seqio.ShardInfo(index,
       num_shards))` yields for the split.
@@ -320,7 +327,7 @@ def load_split_arrays(name: str, split: str, data_dir: str | None = None,
     raise ValueError(f"inputs_length must be >= 2 (text plus EOS), got {inputs_length}")
   if shard is not None and select is not None:
     raise ValueError("pass either shard or select, not both")
-  task = prepare(name, data_dir, max_bad_fraction)
+  task = prepare(name, data_dir, max_bad_fraction, duplicates)
   model = vocabulary_path(name, task.data_dir, vocab_path, max_bad_fraction)
   if shard is not None:
     select = shard_positions(len(task.rows(split)), *shard)

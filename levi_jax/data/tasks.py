@@ -127,9 +127,10 @@ def _rating_as_sequence(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, task: str,
-                data_dir: str | None, max_bad_fraction: float) -> tf.data.Dataset:
+                data_dir: str | None, max_bad_fraction: float,
+                duplicates: str = datasets.DEFAULT_DUPLICATES) -> tf.data.Dataset:
   """The source of Task `task`: one element per rating of `split`."""
-  prepared = pipeline.prepare(task, data_dir, max_bad_fraction)
+  prepared = pipeline.prepare(task, data_dir, max_bad_fraction, duplicates)
   arrays = prepared.source_arrays(split)
   if shuffle_files:
     order = np.random.default_rng(0 if seed is None else seed).permutation(len(arrays["targets"]))
@@ -143,7 +144,8 @@ def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, tas
 
 
 def register_tasks(data_dir: str | None = None, vocab_path: str | None = None,
-                   max_bad_fraction: float = datasets.DEFAULT_MAX_BAD_FRACTION) -> list[str]:
+                   max_bad_fraction: float = datasets.DEFAULT_MAX_BAD_FRACTION,
+                   duplicates: str = datasets.DEFAULT_DUPLICATES) -> list[str]:
   """Registers (or re-registers) every dataset x shift Task; returns their names.
 
   Args:
@@ -151,6 +153,8 @@ def register_tasks(data_dir: str | None = None, vocab_path: str | None = None,
       a dataset is created, from `LEVI_DATA_DIR` or the embedded synthetic world.
     vocab_path: SentencePiece model for `inputs` (None: see `levi_jax.data.spm`).
     max_bad_fraction: malformed-row tolerance per file.
+    duplicates: repeated (user, item, timestamp) ratings: 'keep', 'drop' or
+      'error' (`datasets.load_table`).
   """
   names = pipeline.task_names()
   for name in names:
@@ -162,7 +166,7 @@ def register_tasks(data_dir: str | None = None, vocab_path: str | None = None,
         name,
         source=seqio.FunctionDataSource(
             functools.partial(_dataset_fn, task=name, data_dir=data_dir,
-                              max_bad_fraction=max_bad_fraction),
+                              max_bad_fraction=max_bad_fraction, duplicates=duplicates),
             splits=shift.splits, caching_permitted=False),
         output_features={
             "inputs": seqio.Feature(vocab, add_eos=True),

@@ -125,6 +125,8 @@ class LeviT5XModel(t5x_models.BaseModel):
       carries tokenizes `inputs`.
     vocabulary_path: an explicit SentencePiece model ('' : the checkpoint's,
       else the data's own); a different hash from the checkpoint's is an error.
+    duplicates: repeated (user, item, timestamp) ratings in the raw files:
+      'keep', 'drop' or 'error' (as `trainer.DataConfig.duplicates`).
   """
 
   FEATURE_CONVERTER_CLS = tasks.RatingFeatureConverter
@@ -133,7 +135,7 @@ class LeviT5XModel(t5x_models.BaseModel):
                optimizer: optim.OptimizerConfig = optim.OptimizerConfig(),
                total_steps: int = 1000, loss: step_lib.LossConfig = step_lib.LossConfig(),
                data_dir: str = "", initial_checkpoint_path: Optional[str] = None,
-               vocabulary_path: str = ""):
+               vocabulary_path: str = "", duplicates: str = "keep"):
     if model.method not in SUPPORTED:
       raise ValueError(f"LeviT5XModel: method {model.method!r} trains in two stages; under "
                        "T5X run them as two runs (method 'lp', then 'ft' with the LP run's "
@@ -153,9 +155,9 @@ class LeviT5XModel(t5x_models.BaseModel):
     vocab = trainer_lib.backbone_vocabulary(
         trainer_lib.DataConfig(task=task, data_dir=data_dir, vocabulary_path=vocabulary_path),
         None, initial_checkpoint_path)
-    prepared = pipeline.prepare(task, data_dir or None)
+    prepared = pipeline.prepare(task, data_dir or None, duplicates=duplicates)
     vocab = vocab or pipeline.vocabulary_path(task, prepared.data_dir)
-    tasks.register_tasks(data_dir=data_dir or None, vocab_path=vocab)
+    tasks.register_tasks(data_dir=data_dir or None, vocab_path=vocab, duplicates=duplicates)
     self.vocabulary_path = vocab
     summary = TaskData(
         train={"targets": prepared.table.rows["rating"][prepared.rows("train")]},
