@@ -11,19 +11,31 @@ Entries are `.npz` files under `cache_dir/<task>/`, named by a key over
 everything the taps depend on: the task and split, the split's `inputs`
 (content hash, so the sequence length and any change in the data count),
 the backbone's weights (`checkpointing.tree_fingerprint`) and architecture, the
-resolved tap set and the pooling. A change in any of them gives a new key,
-so a stale entry is never read (it can be deleted at will). Taps are computed
-batch-sharded over the mesh's `data` axis, each process feeding its rows (as
-the evaluation does); the cache folder must be visible to every process.
+resolved tap set, the pooling, and the storage (dtype and `LAYOUT`). A change
+in any of them gives a new key, so a stale entry is never read (it can be
+deleted at will). Taps are computed batch-sharded over the mesh's `data` axis,
+each process feeding its rows (as the evaluation does); with input shards,
+each process's entry holds only the rows of the shards it feeds. The cache
+folder must be visible to every process.
 
 Beneath the split entries, a row store (`cache_dir/rows/<digest>/`, keyed by
-the same backbone, architecture, pooling and token shape, not by task or tap
-set) holds the pooled output of *every* layer (and "final") of every token row
-computed so far, under the sha1 of the row: a split entry that is missing is
-assembled from it (its taps picked from the layers), and only rows it lacks run
-through the backbone. The shifts of one dataset deal the same ratings into
-different splits, and methods and ablations tap different layers, so the
-backbone runs over each rating's text once for all of them (`RowStore`).
+the same backbone, architecture, pooling, storage and token shape, not by task
+or tap set) holds the pooled output of *every* layer (and "final") of every
+token row computed so far, under the sha1 of the row: a split entry that is
+missing is assembled from it (its taps picked from the layers), and only rows
+it lacks run through the backbone. The shifts of one dataset deal the same
+ratings into different splits, and methods and ablations tap different layers,
+so the backbone runs over each rating's text once for all of them (`RowStore`).
+
+Storage is bounded in host memory, whatever the number of rows: taps go to
+disk a batch (or `CHUNK_BYTES`) at a time as they are computed, into an
+uncompressed `.npz` whose `taps` member is one `.npy` array (`write_npz`),
+float32 (exact) or bfloat16 (half the bytes; `attach(dtype=...)`); a file is
+renamed into place only once every row is written, so an interrupted run
+leaves no entry. Entries and row-store parts stay on disk (`DiskArray`): a
+batch reads only its rows, so reading an epoch of an entry larger than the
+host's memory holds no more of it than a batch. Only the row hashes of the row
+store (20 bytes a row) are held in memory.
 """
 
 from __future__ import annotations
@@ -32,12 +44,16 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
+import struct
 import time
-from typing import Any, Mapping
+import zipfile
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import flax.linen as nn
 import jax
+import ml_dtypes
 import numpy as np
 
 from levi_jax import checkpointing, methods, partitioning
@@ -45,6 +61,187 @@ from levi_jax.models.levi import CACHED_TAPS, EnsembleModel, LeviModel, resolve_
 
 log = logging.getLogger("levi_jax")
 Arrays = dict[str, np.ndarray]
+
+LAYOUT = 2  # 1: whole-split `np.savez` entries read into memory; 2: chunked, read by rows
+STORAGE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+CHUNK_BYTES = 64 << 20  # taps gathered from the row store per write of an entry
+
+
+# --- On-disk arrays: written in chunks, read a batch of rows at a time --------------
+
+
+class DiskArray:
+  """A read-only `[rows, ...]` array in a file, gathered a batch at a time.
+
+  Indexing (`a[idx]`, `a[i:j]`, `a[i]`) reads just those rows, one positional
+  read (`os.pread`) per run of consecutive rows, into a new array: the
+  process holds the batch and nothing else of the file (the rows come through
+  the page cache, which the kernel reclaims at will). Not a memory map: the
+  pages a map touches stay in the process's resident set, and the kernel maps
+  the page cache's large folios whole (Linux 6.18, ext4), so one gather of 256
+  random rows from a 307 MB map made 120 MB of it resident and an epoch of
+  batches all of it (experiments/tap_cache_memory.py; a map's gathers are
+  ~10x faster from the page cache). `np.asarray(a)` reads the whole array.
+  The file stays open: a file renamed over it later is not seen.
+  """
+
+  def __init__(self, path: str, offset: int, shape: tuple[int, ...], dtype):
+    self.path, self.offset = path, offset
+    self.shape, self.dtype = tuple(int(s) for s in shape), np.dtype(dtype)
+    self._row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
+    self._fd = os.open(path, os.O_RDONLY)
+
+  def __del__(self, _close=os.close):  # os may be gone when the interpreter exits
+    if getattr(self, "_fd", None) is not None:
+      _close(self._fd)
+      self._fd = None
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    return self.shape[0] * self._row_bytes
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __repr__(self) -> str:
+    return f"DiskArray({self.path!r}, shape={self.shape}, dtype={self.dtype})"
+
+  def __getitem__(self, index) -> np.ndarray:
+    """Rows by a slice, an integer, an integer array (any shape) or a boolean mask."""
+    if isinstance(index, slice):
+      start, stop, step = index.indices(len(self))
+      return self._run(start, stop) if step == 1 else self._read(np.arange(start, stop, step))
+    rows = np.asarray(index)
+    if rows.dtype == bool:
+      rows = np.flatnonzero(rows)
+    if rows.dtype.kind not in "iu":
+      raise IndexError(f"a DiskArray is indexed by rows, not by {index!r}")
+    rows = np.where(rows < 0, rows + len(self), rows).astype(np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+      raise IndexError(f"rows {index} out of range for {len(self)} rows")
+    return self._read(rows.reshape(-1)).reshape(rows.shape + self.shape[1:])
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    if copy is False:
+      raise ValueError("a DiskArray is read by copying it out of its file")
+    out = self._run(0, len(self))
+    return out if dtype is None else out.astype(dtype)
+
+  def _read(self, rows: np.ndarray) -> np.ndarray:
+    """The rows (int64 `[k]`, in range), in their order, repeats included."""
+    starts = np.flatnonzero(np.diff(rows, prepend=rows[:1] - 2) != 1)  # runs of rows
+    if len(starts) <= 1:  # one run (an evaluation batch, a slice): one read
+      first = int(rows[0]) if len(rows) else 0
+      return self._run(first, first + len(rows))
+    sizes = (np.diff(starts, append=len(rows)) * self._row_bytes).tolist()
+    offsets = (rows[starts] * self._row_bytes + self.offset).tolist()
+    pread, fd = os.pread, self._fd  # a syscall per run: ~1 us a row from the page cache
+    parts = [pread(fd, n, o) for n, o in zip(sizes, offsets)]
+    if sum(map(len, parts)) != sum(sizes):  # a short read: finish the runs one by one
+      parts = [self._bytes(n, o) for n, o in zip(sizes, offsets)]
+    out = np.frombuffer(bytearray().join(parts), self.dtype)
+    return out.reshape((len(rows),) + self.shape[1:])
+
+  def _run(self, start: int, stop: int) -> np.ndarray:
+    """Rows `start..stop-1`, read straight into a new array."""
+    buf = np.empty((max(stop - start, 0),) + self.shape[1:], self.dtype)
+    self._fill(memoryview(buf.reshape(-1).view(np.uint8)), self.offset + start * self._row_bytes)
+    return buf
+
+  def _bytes(self, size: int, offset: int) -> bytearray:
+    out = bytearray(size)
+    self._fill(memoryview(out), offset)
+    return out
+
+  def _fill(self, into: memoryview, offset: int):
+    """Reads `len(into)` bytes of the file at `offset` into `into`."""
+    done = 0
+    while done < len(into):
+      n = os.preadv(self._fd, [into[done:]], offset + done)
+      if n <= 0:
+        raise OSError(f"{self.path} ends {len(into) - done} bytes early (truncated?)")
+      done += n
+
+
+def _disk_dtype(dtype: np.dtype) -> np.dtype:
+  """What a `.npy` header can name: bfloat16 is stored as its uint16 bits."""
+  return np.dtype(np.uint16) if dtype == STORAGE_DTYPES["bfloat16"] else dtype
+
+
+def write_npz(path: str, small: Mapping[str, Any], name: str, shape: tuple[int, ...], dtype,
+              chunks: Iterable[np.ndarray]) -> None:
+  """Writes an uncompressed `.npz` at `path` without holding its big array in memory.
+
+  The `small` arrays are written whole, then the array `name` of `shape`
+  from `chunks` (consecutive rows, in order, cast to `dtype`) as they come.
+  The file is renamed into place only once every row is written, so nothing
+  incomplete is ever at `path`: an exception removes the temporary file, a
+  kill leaves it (`<path>.tmp-<process>-<pid>`, never read; delete at will).
+  A reader holding a previous file at `path` keeps reading that one.
+  `np.load` reads the result.
+  """
+  dtype = np.dtype(dtype)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp-{jax.process_index()}-{os.getpid()}"
+  try:
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+      for k, v in small.items():
+        with zf.open(f"{k}.npy", "w", force_zip64=True) as f:
+          np.lib.format.write_array(f, np.asarray(v), allow_pickle=False)
+      with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_2_0(f, {
+            "descr": np.lib.format.dtype_to_descr(_disk_dtype(dtype)),
+            "fortran_order": False, "shape": tuple(shape)})
+        done = 0
+        for chunk in chunks:
+          chunk = np.ascontiguousarray(np.asarray(chunk).astype(dtype, copy=False))
+          if chunk.shape[1:] != tuple(shape[1:]) or done + len(chunk) > shape[0]:
+            raise ValueError(f"{path}: a chunk of shape {chunk.shape} after {done} rows does "
+                             f"not fit an array of shape {tuple(shape)}")
+          f.write(chunk.reshape(-1).view(np.uint8))
+          done += len(chunk)
+        if done != shape[0]:
+          raise ValueError(f"{path}: {done} rows written of {shape[0]}")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def read_npz_array(path: str, name: str, dtype=None) -> DiskArray:
+  """The array `name` of an uncompressed `.npz`, read from the file as needed
+  (`DiskArray`).
+
+  `dtype`: what its bytes hold when the header names only their width
+  (bfloat16, stored as uint16); None: the header's dtype.
+  """
+  with zipfile.ZipFile(path) as zf:
+    info = zf.getinfo(f"{name}.npy")
+  if info.compress_type != zipfile.ZIP_STORED:
+    raise ValueError(f"{path}: {name} is compressed; its rows cannot be read in place")
+  with open(path, "rb") as f:
+    f.seek(info.header_offset)
+    local = f.read(30)  # the local file header: name and extra-field lengths at 26 and 28
+    if local[:4] != b"PK\x03\x04":
+      raise ValueError(f"{path}: no zip member header at {info.header_offset}")
+    f.seek(info.header_offset + 30 + sum(struct.unpack("<HH", local[26:30])))
+    version = np.lib.format.read_magic(f)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, fortran, stored = read_header(f)
+    offset = f.tell()
+  dtype = stored if dtype is None else np.dtype(dtype)
+  if fortran or stored.itemsize != dtype.itemsize:
+    raise ValueError(f"{path}: {name} ({stored}, fortran={fortran}) cannot be read as {dtype}")
+  return DiskArray(path, offset, shape, dtype)
+
+
+# --- Which methods read taps, and what an entry depends on -------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,18 +287,21 @@ def backbone_params(source: TapSource, params: Mapping[str, Any]) -> dict:
 
 
 def cache_key(task: str, split: str, inputs: np.ndarray, backbone_hash: str,
-              source: TapSource) -> dict[str, Any]:
-  """What the taps of one split depend on (hashed into the entry's name)."""
+              source: TapSource, dtype: str = "float32") -> dict[str, Any]:
+  """What the taps of one split depend on, and how they are stored (hashed into the
+  entry's name)."""
   inputs = np.ascontiguousarray(inputs)
+  digest = hashlib.sha256(f"{inputs.dtype}{inputs.shape}".encode())
+  digest.update(inputs.reshape(-1).view(np.uint8))
   cfg = source.module.backbone.config
   return {
       "task": task, "split": split, "rows": int(inputs.shape[0]),
-      "inputs_sha256": hashlib.sha256(
-          f"{inputs.dtype}{inputs.shape}".encode() + inputs.tobytes()).hexdigest(),
+      "inputs_sha256": digest.hexdigest(),
       "backbone_fingerprint": backbone_hash,
       "backbone": {k: str(v) for k, v in sorted(vars(cfg).items())},
       "taps": [str(t) for t in resolve_taps(source.module.taps, cfg.num_layers)],
       "pooling": source.module.pooling,
+      "storage": {"dtype": dtype, "layout": LAYOUT},
   }
 
 
@@ -112,13 +312,28 @@ def entry_path(cache_dir: str, key: Mapping[str, Any]) -> str:
   return os.path.join(cache_dir, task, f"{key['split']}-{digest}.npz")
 
 
-def compute_taps(source: TapSource, backbone: Any, inputs: np.ndarray, mesh: jax.sharding.Mesh,
-                 rules, batch_size: int) -> np.ndarray:
-  """Pooled taps `[rows, num_taps, embed]` (float32) of this process's `inputs`.
+# --- Running the backbone ----------------------------------------------------------
+
+
+def tap_shape(source: TapSource, backbone: Any, inputs: np.ndarray) -> tuple[int, ...]:
+  """One row's pooled taps' shape, `(num_taps, embed)` (traced, nothing runs)."""
+  row = jax.ShapeDtypeStruct((1,) + inputs.shape[1:], inputs.dtype)
+  out = jax.eval_shape(
+      lambda bb, x: source.module.apply({"params": {methods.BACKBONE: bb}}, {"inputs": x},
+                                       method=LeviModel.pooled_taps), backbone, row)
+  return tuple(out.shape[1:])
+
+
+def iter_taps(source: TapSource, backbone: Any, inputs: np.ndarray, mesh: jax.sharding.Mesh,
+              rules, batch_size: int, rows: np.ndarray | None = None
+              ) -> Iterator[np.ndarray]:
+  """Pooled taps (float32) of this process's `inputs[rows]` (default: every row),
+  in row order, one global batch's share `[<= local batch, num_taps, embed]` at a time.
 
   Batch-sharded: every process feeds `batch_size / data shards` of its own
   rows per global batch (as many batches as the process with the most rows
-  needs) and keeps the taps of its rows.
+  needs, the last padded with its last row) and keeps the taps of its rows.
+  Every process must run the iterator to its end (each batch is collective).
   """
   module = source.module
 
@@ -130,24 +345,39 @@ def compute_taps(source: TapSource, backbone: Any, inputs: np.ndarray, mesh: jax
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   taps_fn = jax.jit(fn, in_shardings=(None, partitioning.batch_sharding(mesh)),
                     out_shardings=replicated)
-  n = len(inputs)
+  rows = np.arange(len(inputs)) if rows is None else np.asarray(rows, np.int64)
+  n = len(rows)
+  src = inputs if n else np.zeros((1,) + inputs.shape[1:], inputs.dtype)
+  rows = rows if n else np.zeros((1,), np.int64)
   local = partitioning.local_batch_size(batch_size, mesh)
   mine = partitioning.process_batch_slice(batch_size, mesh)
   steps = partitioning.global_max(-(-n // local))  # the process with the most rows
-  filler = inputs[-1:] if n else np.zeros((1,) + inputs.shape[1:], inputs.dtype)
-  padded = np.concatenate([inputs, filler])
-  out = []
   for start in range(0, steps * local, local):
-    idx = np.minimum(np.arange(start, start + local), n)  # padded with the last row
-    batch = partitioning.global_batch({"inputs": padded[idx]}, mesh)
-    out.append(np.asarray(jax.device_get(taps_fn(backbone, batch)), np.float32)[mine])
-  return np.concatenate(out)[:n] if out else np.zeros((0, 0, 0), np.float32)
+    idx = rows[np.minimum(np.arange(start, start + local), len(rows) - 1)]
+    batch = partitioning.global_batch({"inputs": src[idx]}, mesh)
+    taps = np.asarray(jax.device_get(taps_fn(backbone, batch)), np.float32)[mine]
+    if start < n:
+      yield taps[:n - start]
+
+
+def compute_taps(source: TapSource, backbone: Any, inputs: np.ndarray, mesh: jax.sharding.Mesh,
+                 rules, batch_size: int) -> np.ndarray:
+  """Pooled taps `[rows, num_taps, embed]` (float32) of this process's `inputs`, in
+  memory (`iter_taps`, gathered)."""
+  out = list(iter_taps(source, backbone, inputs, mesh, rules, batch_size))
+  return np.concatenate(out) if out else np.zeros((0, 0, 0), np.float32)
+
+
+# --- The row store -------------------------------------------------------------------
 
 
 def row_hashes(inputs: np.ndarray) -> np.ndarray:
   """The sha1 of every token row, as `S20` bytes `[rows]`."""
   inputs = np.ascontiguousarray(inputs)
-  return np.array([hashlib.sha1(r.tobytes()).digest() for r in inputs], dtype="S20")
+  out = np.empty((len(inputs),), "S20")
+  for i, r in enumerate(inputs):
+    out[i] = hashlib.sha1(r.tobytes()).digest()
+  return out
 
 
 def all_taps(source: TapSource) -> tuple[int | str, ...]:
@@ -167,55 +397,93 @@ def row_store_dir(cache_dir: str, key: Mapping[str, Any], inputs: np.ndarray) ->
 
 
 class RowStore:
-  """The taps of token rows computed so far under one row-store key (read once).
+  """The taps of token rows computed so far under one row-store key.
 
-  Parts are `.npz` files of (`hashes`, `taps`); a lookup computes the rows no
-  part holds, adds them as a new part and returns every row's taps.
+  Parts are `.npz` files of (`hashes` `[k]`, `taps` `[k, layers, embed]` in the
+  storage dtype), each written as the backbone runs over the rows no part held
+  (`add`) and read row by row (`DiskArray`); in memory only a sorted index of the
+  row hashes.
   """
 
-  def __init__(self, path: str):
-    self.path = path
-    self.index: dict[bytes, tuple[int, int]] = {}  # row hash -> (part, row in part)
-    self.parts: list[np.ndarray] = []
+  def __init__(self, path: str, dtype: str = "float32"):
+    self.path, self.dtype = path, STORAGE_DTYPES[dtype]
+    self.parts: list[DiskArray] = []
+    self._keys = np.zeros((0,), "S20")  # sorted row hashes, each once
+    self._part = np.zeros((0,), np.int32)  # ... the part holding it
+    self._row = np.zeros((0,), np.int64)  # ... and its row there
     if os.path.isdir(path):
       for name in sorted(os.listdir(path)):
         if name.endswith(".npz") and ".tmp" not in name:
-          with np.load(os.path.join(path, name)) as f:
-            self._add(f["hashes"], f["taps"])
+          file = os.path.join(path, name)
+          with np.load(file) as f:
+            hashes = f["hashes"]
+          self._add(hashes, read_npz_array(file, "taps", self.dtype))
 
-  def _add(self, hashes: np.ndarray, taps: np.ndarray):
-    for j, h in enumerate(hashes.tolist()):
-      self.index.setdefault(h, (len(self.parts), j))
+  def _add(self, hashes: np.ndarray, taps: DiskArray):
+    keys = np.concatenate([self._keys, hashes])
+    part = np.concatenate([self._part, np.full(len(hashes), len(self.parts), np.int32)])
+    row = np.concatenate([self._row, np.arange(len(hashes))])
+    self._keys, first = np.unique(keys, return_index=True)  # the first part holding a row
+    self._part, self._row = part[first], row[first]
     self.parts.append(taps)
 
-  def lookup(self, inputs: np.ndarray, compute_rows) -> tuple[np.ndarray, int]:
-    """Taps of `inputs`, computing (and adding) only rows not held yet.
+  def locate(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(part, row in part, held) of each row hash; part and row are 0 where not held."""
+    if not len(self._keys):
+      zeros = np.zeros(len(hashes), np.int64)
+      return zeros, zeros, np.zeros(len(hashes), bool)
+    pos = np.minimum(np.searchsorted(self._keys, hashes), len(self._keys) - 1)
+    held = self._keys[pos] == hashes
+    return (np.where(held, self._part[pos], 0), np.where(held, self._row[pos], 0), held)
 
-    `compute_rows(inputs_subset)` runs the backbone; every process calls it
-    (with its own, possibly empty, subset). Returns (taps, rows computed).
+  def add(self, hashes: np.ndarray, row_shape: tuple[int, ...],
+          compute_rows: Callable[[np.ndarray], Iterable[np.ndarray]]) -> int:
+    """Computes the rows (of the split whose row hashes are `hashes`) no part holds
+    into a new part; returns how many.
+
+    `compute_rows(positions)` runs the backbone over those positions of the
+    split, yielding their taps in order; every process calls it (with its
+    own, possibly empty, positions) and runs it to its end.
     """
-    hashes = row_hashes(inputs)
-    todo: dict[bytes, int] = {}  # a row repeated within `inputs` is computed once
-    for i, h in enumerate(hashes.tolist()):
-      if h not in self.index:
-        todo.setdefault(h, i)
-    rows = sorted(todo.values())
-    new = compute_rows(inputs[rows]) if rows or jax.process_count() > 1 else None
-    if rows:
-      os.makedirs(self.path, exist_ok=True)
-      stem = f"part-{time.time_ns()}-{jax.process_index()}-{os.getpid()}"
-      tmp = os.path.join(self.path, f"{stem}.tmp.npz")
-      np.savez(tmp, hashes=hashes[rows], taps=new)
-      os.replace(tmp, os.path.join(self.path, f"{stem}.npz"))
-      self._add(hashes[rows], new)
-    if not len(inputs):
-      return np.zeros((0, 0, 0), np.float32), 0
-    where = np.array([self.index[h] for h in hashes.tolist()])
-    out = np.empty((len(inputs),) + self.parts[where[0, 0]].shape[1:], np.float32)
-    for part in np.unique(where[:, 0]):
-      sel = where[:, 0] == part
-      out[sel] = self.parts[part][where[sel, 1]]
-    return out, len(rows)
+    missing = np.flatnonzero(~self.locate(hashes)[2])
+    _, first = np.unique(hashes[missing], return_index=True)  # a repeated row runs once
+    rows = np.sort(missing[first])
+    if not len(rows) and jax.process_count() == 1:
+      return 0
+    chunks = compute_rows(rows)
+    if not len(rows):
+      for _ in chunks:  # the other processes' rows: this one joins each batch
+        pass
+      return 0
+    stem = f"part-{time.time_ns()}-{jax.process_index()}-{os.getpid()}"
+    path = os.path.join(self.path, f"{stem}.npz")
+    write_npz(path, {"hashes": hashes[rows]}, "taps", (len(rows),) + tuple(row_shape),
+              self.dtype, chunks)
+    self._add(hashes[rows], read_npz_array(path, "taps", self.dtype))
+    return len(rows)
+
+  def gather(self, hashes: np.ndarray, pick: list[int]) -> Iterator[np.ndarray]:
+    """The taps `pick` of rows held (by their hashes), in order, `CHUNK_BYTES` at a time."""
+    part, row, held = self.locate(hashes)
+    if not held.all():
+      raise KeyError(f"{int((~held).sum())} rows are not in the row store {self.path}")
+    if not len(hashes):
+      return
+    row_bytes = self.parts[0].nbytes // max(len(self.parts[0]), 1) or 1
+    step = max(1, CHUNK_BYTES // row_bytes)
+    for start in range(0, len(hashes), step):
+      p, r = part[start:start + step], row[start:start + step]
+      out = None
+      for i in np.unique(p):
+        sel = p == i
+        taps = self.parts[i][r[sel]][:, pick]
+        if out is None:
+          out = np.empty((len(p),) + taps.shape[1:], self.dtype)
+        out[sel] = taps
+      yield out
+
+
+# --- Split entries -----------------------------------------------------------------
 
 
 def _everyone_has(path: str) -> bool:
@@ -226,31 +494,47 @@ def _everyone_has(path: str) -> bool:
   return bool(np.all(have))
 
 
-def load_or_compute(cache_dir: str, key: Mapping[str, Any], compute, writer: bool = False
-                    ) -> tuple[np.ndarray, bool]:
-  """The entry of `key` (read, or computed by `compute()` and written); (taps, hit).
+def read_entry(path: str, key: Mapping[str, Any]) -> DiskArray | None:
+  """The taps of the entry at `path` (on disk), or None if it holds another key."""
+  with np.load(path) as f:
+    if json.loads(str(f["key"])) != dict(key):
+      return None
+  return read_npz_array(path, "taps", STORAGE_DTYPES[key["storage"]["dtype"]])
 
-  Process 0 writes a computed entry, and so does every process with `writer`
-  (processes holding different rows have entries of their own).
+
+def load_or_compute(cache_dir: str, key: Mapping[str, Any],
+                    compute: Callable[[], tuple[tuple[int, ...], Iterable[np.ndarray]]],
+                    writer: bool = False) -> tuple[DiskArray, bool]:
+  """The entry of `key`, read or computed and written; (its taps on disk, hit).
+
+  `compute()` runs on every process (its collective part, the backbone, runs
+  before it returns) and returns (the entry's shape, its taps in chunks of
+  rows). Process 0 writes a computed entry, and so does every process with
+  `writer` (processes holding different rows have entries of their own);
+  then every process opens the entry.
   """
   path = entry_path(cache_dir, key)
   if _everyone_has(path):
-    with np.load(path) as f:
-      if json.loads(str(f["key"])) == dict(key):
-        return f["taps"], True
+    taps = read_entry(path, key)
+    if taps is not None:
+      return taps, True
     log.warning("tap cache entry %s holds another key; recomputing", path)
-  taps = compute()
+  shape, chunks = compute()
   if jax.process_index() == 0 or writer:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{jax.process_index()}-{os.getpid()}.npz"
-    np.savez(tmp, taps=taps, key=json.dumps(dict(key), sort_keys=True))
-    os.replace(tmp, path)
+    write_npz(path, {"key": json.dumps(dict(key), sort_keys=True)}, "taps", shape,
+              STORAGE_DTYPES[key["storage"]["dtype"]], chunks)
+  if jax.process_count() > 1:  # process 0's entry is written before the others open it
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"tap cache {key['task']} {key['split']}")
+  taps = read_entry(path, key)
+  if taps is None:
+    raise RuntimeError(f"tap cache entry {path} was replaced by another key while written")
   return taps, False
 
 
 def attach(cache_dir: str, task: str, method: methods.Method, params: Mapping[str, Any],
            splits: Mapping[str, Arrays], mesh: jax.sharding.Mesh, rules, batch_size: int,
-           shards=None) -> tuple[dict[str, Arrays], dict[str, Any]]:
+           shards=None, dtype: str = "float32") -> tuple[dict[str, Arrays], dict[str, Any]]:
   """Adds cached pooled taps (`CACHED_TAPS`) to each split, if the method allows.
 
   Args:
@@ -263,11 +547,17 @@ def attach(cache_dir: str, task: str, method: methods.Method, params: Mapping[st
     batch_size: global batch size of the computation.
     shards: the `input_pipeline.InputShards` the splits hold (part of the
       key); None: every row.
+    dtype: how taps are stored and read, "float32" (exact) or "bfloat16"
+      (rounded to nearest; half the disk and memory). Part of the key.
 
   Returns:
-    (splits, each with `CACHED_TAPS` where cacheable, else unchanged;
-     stats: {"used", and "reason" if not, else "hits", "misses", "seconds"}).
+    (splits, each with `CACHED_TAPS` where cacheable (a `DiskArray` of the
+     split's rows: batches gather from it), else unchanged;
+     stats: {"used", and "reason" if not, else "hits", "misses",
+     "rows_computed", "seconds", "dtype", "bytes"}).
   """
+  if dtype not in STORAGE_DTYPES:
+    raise ValueError(f"tap cache dtype {dtype!r}: one of {sorted(STORAGE_DTYPES)}")
   source, reason = tap_source(method)
   if source is None:
     log.info("tap cache not used for %s: %s", method.name, reason)
@@ -280,27 +570,28 @@ def attach(cache_dir: str, task: str, method: methods.Method, params: Mapping[st
   out, hits, computed, t0 = {}, 0, 0, time.time()
   stores: dict[str, RowStore] = {}  # opened on the first miss, then shared by the splits
   for name, arrays in splits.items():
-    key = cache_key(task, name, arrays["inputs"], backbone_hash, source)
+    key = cache_key(task, name, arrays["inputs"], backbone_hash, source, dtype)
     sharded = shards is not None and shards.num_shards > 1
     if sharded:
       key["shards"] = [shards.index, shards.count, shards.num_shards]
 
-    def assemble(a=arrays, key=key):
+    def assemble(inputs=arrays["inputs"], key=key):
       nonlocal computed
-      path = row_store_dir(cache_dir, key, a["inputs"])
+      path = row_store_dir(cache_dir, key, inputs)
       if path not in stores:
-        stores[path] = RowStore(path)
-      layers, n = stores[path].lookup(
-          a["inputs"], lambda rows: compute_taps(every_layer, backbone, rows, mesh, rules,
-                                                 batch_size))
-      computed += n
-      return np.ascontiguousarray(layers[:, pick]) if len(layers) else layers
+        stores[path] = RowStore(path, dtype)
+      hashes = row_hashes(inputs)
+      layers = tap_shape(every_layer, backbone, inputs)
+      computed += stores[path].add(hashes, layers, lambda rows: iter_taps(
+          every_layer, backbone, inputs, mesh, rules, batch_size, rows))
+      return (len(inputs), len(pick)) + layers[1:], stores[path].gather(hashes, pick)
 
     taps, hit = load_or_compute(cache_dir, key, assemble, writer=sharded)
     hits += hit
     out[name] = {**arrays, CACHED_TAPS: taps}
   stats = {"used": True, "hits": hits, "misses": len(splits) - hits,
-           "rows_computed": computed, "seconds": time.time() - t0}
+           "rows_computed": computed, "seconds": time.time() - t0, "dtype": dtype,
+           "bytes": sum(a[CACHED_TAPS].nbytes for a in out.values())}
   log.info("tap cache %s: %d hits, %d assembled (%d rows computed) in %.1fs", cache_dir, hits,
            stats["misses"], computed, stats["seconds"])
   return out, stats
