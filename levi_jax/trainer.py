@@ -133,6 +133,8 @@ class DataConfig:
     tap_cache_dir: where a frozen backbone's pooled taps are cached
       (`levi_jax.tap_cache`); batches then carry them and the backbone does
       not run. Empty: off. Methods that train the backbone ignore it.
+    tap_cache_dtype: how cached taps are stored: "float32" (the taps as
+      computed) or "bfloat16" (half the disk and page cache; the taps rounded).
     vocabulary_path: the vocabulary that tokenizes `inputs`. Empty: the one
       the backbone checkpoint carries (`pretrained.checkpoint_vocabulary`),
       else `LEVI_VOCAB_PATH`, else the data's own. A backbone that carries a
@@ -155,6 +157,7 @@ class DataConfig:
   validation_fraction: float = 0.1
   seed: int = 0
   tap_cache_dir: str = ""
+  tap_cache_dtype: str = "float32"
   vocabulary_path: str = ""
   input_shards: int = 0
   duplicates: str = "keep"
@@ -163,6 +166,9 @@ class DataConfig:
     if self.batch_size < 1 or self.eval_batch_size < 1 or self.seq_length < 1:
       raise ValueError(f"DataConfig: sizes must be positive, got {self}")
     from levi_jax.data import formats
+    if self.tap_cache_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"DataConfig.tap_cache_dtype must be 'float32' or 'bfloat16', "
+                       f"got {self.tap_cache_dtype!r}")
     if self.duplicates not in formats.DUPLICATE_POLICIES:
       raise ValueError(f"DataConfig.duplicates must be one of {formats.DUPLICATE_POLICIES}, "
                        f"got {self.duplicates!r}")
@@ -472,7 +478,9 @@ def train(
        "batch_size": data.batch_size, "seq_length": data.seq_length, "data_seed": data.seed,
        "task": data.task, "seed": loop.seed, "num_steps": loop.num_steps,
        # (only when not the default, so checkpoints written before it existed resume)
-       **({"duplicates": data.duplicates} if data.duplicates != "keep" else {})},
+       **({"duplicates": data.duplicates} if data.duplicates != "keep" else {}),
+       **({"tap_cache_dtype": data.tap_cache_dtype}
+          if data.tap_cache_dir and data.tap_cache_dtype != "float32" else {})},
       default=str))
   rng = jax.random.PRNGKey(loop.seed)
   init_rng, dropout_rng = jax.random.split(rng)
@@ -535,7 +543,7 @@ def train(
     if data.tap_cache_dir:
       splits, tap_stats = tap_cache.attach(
           data.tap_cache_dir, data.task, method, params, {"train": train_rows, **evals},
-          device_mesh, rules, data.eval_batch_size, shards)
+          device_mesh, rules, data.eval_batch_size, shards, dtype=data.tap_cache_dtype)
       train_rows = splits.pop("train")
       evals = splits
     eval_step = partitioning.jit_eval_step(step_lib.make_eval_step(method, loss),

@@ -19,10 +19,12 @@ from trainer_fixtures import task_data  # noqa: E402
 SMALL = dict(adapter_dim=16, fusion_hidden=(16,), task_hidden=(16,))
 
 
-def run(model_dir, method="levi", cache_dir="", steps=8, seed=0, **model_kw):
+def run(model_dir, method="levi", cache_dir="", steps=8, seed=0, tap_cache_dtype="float32",
+        **model_kw):
   return trainer.train(
       str(model_dir), model=trainer.ModelConfig(method=method, **{**SMALL, **model_kw}),
-      data=trainer.DataConfig(batch_size=16, eval_batch_size=32, tap_cache_dir=str(cache_dir)),
+      data=trainer.DataConfig(batch_size=16, eval_batch_size=32, tap_cache_dir=str(cache_dir),
+                              tap_cache_dtype=tap_cache_dtype),
       optimizer=OptimizerConfig(learning_rate=3e-3, schedule="constant"),
       loop=trainer.LoopConfig(num_steps=steps, log_every=1, seed=seed),
       checkpoint=CheckpointConfig(every_steps=steps, async_save=False), task_data=task_data())
@@ -176,3 +178,14 @@ def _attach_task(cache, data, task):
                                      {"train": data.train, **data.evals}, mesh, (),
                                      batch_size=24)
   return method, params, splits, stats
+
+
+def test_trainer_on_bfloat16_taps_stays_close_and_refuses_a_float32_resume(tmp_path):
+  f32 = run(tmp_path / "f32", cache_dir=tmp_path / "cache")
+  bf16 = run(tmp_path / "bf16", cache_dir=tmp_path / "cache", tap_cache_dtype="bfloat16")
+  assert bf16["tap_cache"] and losses(tmp_path / "bf16") != losses(tmp_path / "f32")
+  np.testing.assert_allclose(losses(tmp_path / "bf16"), losses(tmp_path / "f32"), rtol=2e-2)
+  with pytest.raises(ValueError, match="tap_cache_dtype"):
+    run(tmp_path / "bf16", cache_dir=tmp_path / "cache", steps=8)
+  with pytest.raises(ValueError, match="tap_cache_dtype must be"):
+    trainer.DataConfig(tap_cache_dtype="float16")
