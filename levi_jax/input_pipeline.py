@@ -15,6 +15,7 @@ padded with weight-0 rows, the same number of batches on every process.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -137,17 +138,27 @@ def split_validation(arrays: Arrays, fraction: float, seed: int) -> tuple[Arrays
   return pick(order[k:]), pick(order[:k])
 
 
+@functools.lru_cache(maxsize=8)
+def _epoch_permutation(n: int, seed: tuple[int, ...], epoch: int) -> np.ndarray:
+  """The seeded order of epoch `epoch` (read-only; drawn once per epoch, not per step)."""
+  perm = np.random.default_rng([*seed, epoch]).permutation(n)
+  perm = perm.astype(np.int32) if n < 2**31 else perm
+  perm.flags.writeable = False
+  return perm
+
+
 def batch_indices(n: int, step: int, batch_size: int, seed: int | tuple[int, ...]
                   ) -> np.ndarray:
   """Row indices of the batch at `step` of `n` rows: epochs of seeded permutations."""
   start = step * batch_size
-  seed = list(seed) if isinstance(seed, tuple) else [seed]
-  idx = []
-  while len(idx) < batch_size:
-    epoch, offset = divmod(start + len(idx), n)
-    perm = np.random.default_rng([*seed, epoch]).permutation(n)
-    idx.extend(perm[offset: offset + batch_size - len(idx)])
-  return np.asarray(idx)
+  seed = tuple(seed) if isinstance(seed, tuple) else (seed,)
+  parts, have = [], 0
+  while have < batch_size:
+    epoch, offset = divmod(start + have, n)
+    part = _epoch_permutation(n, seed, epoch)[offset: offset + batch_size - have]
+    parts.append(part)
+    have += len(part)
+  return np.concatenate(parts).astype(np.int64)
 
 
 def eval_batches(arrays: Arrays, batch_size: int, num_batches: int | None = None):

@@ -116,3 +116,15 @@ def test_trainer_names_bad_input_shards(tmp_path):
                   loop=trainer.LoopConfig(num_steps=1), task_data=sharded)
   with pytest.raises(ValueError, match="input_shards must be >= 0"):
     trainer.DataConfig(input_shards=-1)
+
+
+def test_batches_are_epochs_of_seeded_permutations_drawn_once_per_epoch():
+  """Each epoch is numpy's permutation for (seed, epoch); batches straddle epoch ends."""
+  n, batch, seed = 10, 4, (3, 1)
+  expected = np.concatenate([np.random.default_rng([*seed, e]).permutation(n) for e in range(4)])
+  got = np.concatenate([input_pipeline.batch_indices(n, s, batch, seed) for s in range(10)])
+  np.testing.assert_array_equal(got, expected[:40])
+  assert got.dtype == np.int64
+  before = input_pipeline._epoch_permutation.cache_info().misses
+  input_pipeline.batch_indices(n, 1, batch, seed)  # epoch 0, drawn above
+  assert input_pipeline._epoch_permutation.cache_info().misses == before
