@@ -58,7 +58,7 @@ from levi_jax.data.synthetic import AMAZON_CATEGORIES
 SUBDIR = "amazon_2018"
 MANIFEST = "synthetic_scale.json"
 DEFAULT_CATEGORIES = tuple(c[0] for c in AMAZON_CATEGORIES)
-DEFAULT_CHUNK_ROWS = 1 << 16
+DEFAULT_CHUNK_ROWS = 1 << 14
 
 # Pools: row r draws among the first USERS_0 + r // ROWS_PER_USER users (likewise items).
 USERS_0, ROWS_PER_USER = 1000, 20
