@@ -282,25 +282,35 @@ def test_t5x_written_encoder_decoder_restores_into_levi(tmp_path):
   enc_dec, names = t5x_ckpt.read_t5x(ckpt, prefixes=("target/",))
   assert any(n.startswith("target/decoder/") for n in names)
 
-  # LEVI fine-tunes from it through T5X's restore (t5x/finetune.gin's assignment map),
-  # the documented form: a model file, then our finetune.gin, then flags.
-  levi_dir = str(tmp_path / "levi")
-  _run("t5x.train", [
-      f"--gin_search_paths={GIN_DIR}", "--gin_file=t5x/methods/levi.gin",
-      "--gin_file=t5x/finetune.gin", "--gin.BACKBONE='t5_1_1_tiny'",
-      f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'", f"--gin.VOCABULARY_PATH='{spm}'",
-      f"--gin.INITIAL_CHECKPOINT_PATH='{ckpt}'", f"--gin.MODEL_DIR='{levi_dir}'",
-      "--gin.TRAIN_STEPS=3", "--gin.BATCH_SIZE=16", "--gin.EVAL_PERIOD=1", "--gin.EVAL_STEPS=1",
-      "--gin.utils.SaveCheckpointConfig.period=1", "--gin.train.infer_eval_dataset_cfg=None"])
-  levi, levi_names = t5x_ckpt.read_t5x(os.path.join(levi_dir, "checkpoint_3"),
-                                       prefixes=("target/",))
+  # LEVI restores it through T5X's own restore (as t5x.train does with
+  # t5x/finetune.gin): its RestoreCheckpointConfig with our assignment map and
+  # fallback_to_scratch, into a train state T5X's initializer builds for LEVI.
+  from t5x import partitioning, utils
+  cfg = trainer.ModelConfig(method="levi", backbone="t5_1_1_tiny", adapter_dim=8,
+                            fusion_hidden=(16,), task_hidden=(16,), feature_embed_dim=4)
+  model = levi_t5x.LeviT5XModel(TASK, cfg, vocabulary_path=spm)
+  batch = _batches(model, 1, size=8)[0]
+  init = utils.TrainStateInitializer(
+      optimizer_def=model.optimizer_def, init_fn=model.get_initial_variables,
+      input_shapes={k: v.shape for k, v in batch.items()},
+      input_types={k: v.dtype for k, v in batch.items()},
+      partitioner=partitioning.PjitPartitioner(num_partitions=1))
+  restore = utils.RestoreCheckpointConfig(
+      path=ckpt, mode="specific", dtype="float32", fallback_to_scratch=True,
+      assignment_map=levi_backbone.backbone_assignment_map())
+  state = init.from_checkpoint([restore], init_rng=jax.random.PRNGKey(0))
+  fresh = init.from_scratch(jax.random.PRNGKey(0))
+  flat = lambda tree: {"/".join(str(k.key) for k in p): np.asarray(v)
+                       for p, v in jax.tree_util.tree_leaves_with_path(dict(tree))}
+  levi, ref = flat(state.params), flat(fresh.params)
   encoder = {k: v for k, v in enc_dec.items()
              if k.startswith(("target/encoder/", "target/token_embedder/"))}
-  assert len(encoder) == len([n for n in levi if n.startswith("target/backbone/")]) == 21
-  for name, value in encoder.items():  # frozen: still the T5X-trained encoder
-    np.testing.assert_array_equal(levi["target/backbone/" + name[len("target/"):]], value)
-  assert not [n for n in levi_names if "decoder" in n]
-  assert "target/adapter_1/dense_0/kernel" in levi and "target/head/dense_1/bias" in levi
+  assert len(encoder) == len([n for n in levi if n.startswith("backbone/")]) == 21
+  for name, value in encoder.items():
+    np.testing.assert_array_equal(levi["backbone/" + name[len("target/"):]], value)
+  assert not [n for n in levi if "decoder" in n]
+  np.testing.assert_array_equal(levi["adapter_1/dense_0/kernel"], ref["adapter_1/dense_0/kernel"])
+  assert int(state.step) == 2
 
 
 def test_t5x_reads_our_tasks_as_our_trainer_does(exported):
