@@ -88,7 +88,7 @@ class RatingVocabulary(seqio.PassThroughVocabulary):
     super().__init__(size=1)
 
   def decode(self, ids):
-    return float(np.ravel(np.asarray(ids, np.float64))[0])
+    return _rating(ids)
 
   def __eq__(self, other):
     return isinstance(other, RatingVocabulary)
@@ -98,26 +98,27 @@ class RatingVocabulary(seqio.PassThroughVocabulary):
 
 
 def _rating(value, example=None, is_target=False) -> float:  # pylint: disable=unused-argument
-  """seqio postprocessor: a target or a decoded prediction as a float rating."""
+  """seqio postprocessor: a target or a decoded prediction (scalar or [1]) as a float."""
   return float(np.ravel(np.asarray(value, np.float64))[0])
+
+
+def _errors(name: str, targets, predictions) -> np.ndarray:
+  """predictions - targets, float64, checked to pair up one to one."""
+  t, p = np.asarray(targets, np.float64), np.asarray(predictions, np.float64)
+  if t.shape != p.shape or t.size == 0:
+    raise ValueError(f"{name}: {t.size} targets and {p.size} predictions; expected the same, "
+                     "non-zero count")
+  return p - t
 
 
 def rmse(targets, predictions) -> dict[str, float]:
   """seqio metric: root mean squared error of predicted ratings."""
-  t, p = np.asarray(targets, np.float64), np.asarray(predictions, np.float64)
-  if t.shape != p.shape or t.size == 0:
-    raise ValueError(f"rmse: {t.size} targets and {p.size} predictions; expected the same, "
-                     "non-zero count")
-  return {"rmse": float(np.sqrt(np.mean((p - t) ** 2)))}
+  return {"rmse": float(np.sqrt(np.mean(_errors("rmse", targets, predictions) ** 2)))}
 
 
 def mae(targets, predictions) -> dict[str, float]:
   """seqio metric: mean absolute error of predicted ratings."""
-  t, p = np.asarray(targets, np.float64), np.asarray(predictions, np.float64)
-  if t.shape != p.shape or t.size == 0:
-    raise ValueError(f"mae: {t.size} targets and {p.size} predictions; expected the same, "
-                     "non-zero count")
-  return {"mae": float(np.mean(np.abs(p - t)))}
+  return {"mae": float(np.mean(np.abs(_errors("mae", targets, predictions))))}
 
 
 def _rating_as_sequence(ds: tf.data.Dataset) -> tf.data.Dataset:
