@@ -2,9 +2,12 @@
 
 The core library is plain Python; gin binds the top-level `train(...)` and
 the config dataclasses passed to it, with dynamic registration (gin files
-`import levi_jax.trainer`): our modules carry no `@gin.configurable`, and a
-name becomes configurable when a gin file imports its module. The gin files
-ship with the package (`GIN_SEARCH_PATHS`).
+`import levi_jax.trainer`): no levi_jax module uses `@gin.configurable`, so
+importing one registers nothing with gin; a name becomes configurable when a
+gin file imports its module. The gin files ship with the package
+(`GIN_SEARCH_PATHS`). Parsing is gin's `parse_config_files_and_bindings`
+(as T5X's `gin_utils.parse_gin_flags`), with errors that name the bad file
+or binding and a check for misspelled macros.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ GIN_SEARCH_PATHS = (paths.shipped_dir("gin"),)
 
 
 def define_flags():
+  """Defines T5X's gin flags: --gin_file, --gin_bindings, --gin_search_paths."""
   flags.DEFINE_multi_string("gin_file", [], "Gin config files (searched in ./ and gin/).")
   flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, also as --gin.NAME=VALUE.")
   flags.DEFINE_multi_string("gin_search_paths", list(GIN_SEARCH_PATHS),
@@ -54,11 +58,16 @@ def resolve_gin_file(name: str, search_paths: Sequence[str]) -> str:
 
 
 def parse(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]):
-  """Parses gin files and bindings; errors name the offending file or binding."""
+  """Parses gin files then bindings (`gin.parse_config_files_and_bindings`), checks, finalizes.
+
+  Errors name the offending file (a missing file, or gin's "In file" location)
+  or binding; a macro bound but read by nothing is an error (`unused_macros`).
+  """
   for p in search_paths:
     gin.add_config_file_search_path(p)
   if not files:
     raise ValueError("no --gin_file given; e.g. --gin_file=runs/train.gin")
+  resolved = [resolve_gin_file(f, search_paths) for f in files]
   # gin logs an error for each include (in a file or a binding) it first looks
   # for as a Python package resource before finding it on the search path; that
   # is noise. Real failures raise.
@@ -66,13 +75,11 @@ def parse(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[
   level = root.level
   root.setLevel(logging.CRITICAL)
   try:
-    for f in files:
-      gin.parse_config_file(resolve_gin_file(f, search_paths))
-    for b in bindings:
-      try:
-        gin.parse_config(b)
-      except Exception as e:
-        raise ValueError(f"bad gin binding {b!r}: {e}") from e
+    try:
+      gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
+    except Exception:
+      _raise_naming_bad_binding(resolved, bindings)
+      raise
   finally:
     root.setLevel(level)
   unused = unused_macros()
@@ -80,6 +87,22 @@ def parse(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[
     raise ValueError("gin macros bound but read by nothing (misspelled?): " + "; ".join(
         f"{m}" + (f" (did you mean {', '.join(c)}?)" if c else "") for m, c in unused.items()))
   gin.finalize()
+
+
+def _raise_naming_bad_binding(files: Sequence[str], bindings: Sequence[str]):
+  """After a failed parse: replays it one binding at a time to raise naming the bad one.
+
+  gin's own message for the joined bindings gives a line number, and none at
+  all for a tokenizer error (an unclosed bracket). A failure in the files
+  raises from the replay as gin words it. Returns if the replay succeeds.
+  """
+  gin.clear_config()
+  gin.parse_config_files_and_bindings(files, [], finalize_config=False)
+  for b in bindings:
+    try:
+      gin.parse_config(b)
+    except Exception as e:
+      raise ValueError(f"bad gin binding {b!r}: {e}") from e
 
 
 # Macros our Python reads with `gin.query_parameter` (not only gin bindings).
