@@ -86,7 +86,8 @@ def read_backbone(path: str, init_backbone: Any) -> dict:
   tree = checkpointing.restore_tree(path)
   if "backbone" in tree and "token_embedder" not in tree:
     tree = tree["backbone"]
-  return common.merge_params(init_backbone, common.flatten(tree), source=path)
+  return common.merge_params(init_backbone, traverse_util.flatten_dict(tree, sep="/"),
+                             source=path)
 
 
 def backbone_prefixes(params: dict) -> list[str]:

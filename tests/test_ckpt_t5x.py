@@ -10,14 +10,15 @@ import os
 import shutil
 
 import flax.serialization
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorstore
 
-from levi_jax.checkpoints import (CheckpointMismatchError, abstract_params, flatten,
-                                  load_t5x, read_t5x, save_t5x)
+from levi_jax.checkpoints import (CheckpointMismatchError, abstract_params, load_t5x,
+                                  read_t5x, save_t5x)
 from levi_jax.checkpoints import msgpack_stream
 from levi_jax.checkpoints import t5x as t5x_lib
 from levi_jax.models.t5_encoder import T5Encoder, preset
@@ -62,7 +63,7 @@ def spy_opens(monkeypatch):
 @pytest.mark.parametrize("name", FIXTURES)
 def test_t5x_written_checkpoints_restore_exactly(name, expected):
   params = load_t5x(_init(_config(name)), os.path.join(DATA, name))
-  flat = flatten(params)
+  flat = traverse_util.flatten_dict(params, sep="/")
   want = {k.split("/", 1)[1]: v for k, v in expected.items() if k.startswith(name + "/")}
   assert sorted(flat) == sorted(want)
   for k, v in flat.items():
@@ -106,9 +107,10 @@ def test_legacy_restore_never_touches_decoder_or_optimizer(name, tmp_path, spy_o
       removed += 1
   assert removed > 20
   params = load_t5x(_init(_config(name)), str(dst))  # ...and the restore still works.
-  assert len(flatten(params)) == (21 if name.endswith("f32") else 19)
+  n_params = len(traverse_util.flatten_dict(params))
+  assert n_params == (21 if name.endswith("f32") else 19)
   names = [os.path.basename(p.rstrip("/")) for p in spy_opens]
-  assert len(names) == len(flatten(params)) - (5 if name.endswith("f32") else 0)
+  assert len(names) == n_params - (5 if name.endswith("f32") else 0)
   assert all(n.startswith(("target.encoder.", "target.token_embedder.")) for n in names), names
   # Inline msgpack arrays: only the encoder's 5 layer norms are decoded (the
   # decoder's norms and the inline optimizer state are skipped undecoded).
@@ -134,9 +136,9 @@ def test_save_restore_round_trip(dtype, tmp_path):
   assert "state/step" in names
   assert {str(a.dtype) for a in arrays.values()} == {jnp.dtype(dtype).name}
   back = load_t5x(_init(cfg), str(tmp_path))
-  for k, v in flatten(params).items():
-    np.testing.assert_array_equal(flatten(back)[k], v.astype(dtype).astype(np.float32),
-                                  err_msg=k)
+  back = traverse_util.flatten_dict(back, sep="/")
+  for k, v in traverse_util.flatten_dict(params, sep="/").items():
+    np.testing.assert_array_equal(back[k], v.astype(dtype).astype(np.float32), err_msg=k)
   with pytest.raises(FileExistsError):
     save_t5x(params, str(tmp_path), step=17)
 
@@ -146,7 +148,7 @@ def test_round_trip_of_t5x_fixture_through_our_writer(tmp_path, expected):
   params = load_t5x(_init(cfg), os.path.join(DATA, "t5x_orbax"))
   save_t5x(params, str(tmp_path), step=1)
   again = load_t5x(_init(cfg), str(tmp_path))
-  for k, v in flatten(again).items():
+  for k, v in traverse_util.flatten_dict(again, sep="/").items():
     np.testing.assert_array_equal(v, expected["t5x_orbax/" + k])
 
 

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from levi_jax.models import t5_encoder
 from levi_jax.models.t5_encoder import PRESETS, T5Encoder, preset
@@ -41,22 +42,6 @@ CASES = sorted(META["cases"])
 def golden():
   with np.load(os.path.join(DATA, "t5x_encoder_golden.npz")) as z:
     return {k: z[k] for k in z.files}
-
-
-def _flat(tree):
-  return {"/".join(k.key for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _unflatten(flat):
-  tree = {}
-  for path, v in flat.items():
-    node = tree
-    *parents, leaf = path.split("/")
-    for k in parents:
-      node = node.setdefault(k, {})
-    node[leaf] = v
-  return tree
 
 
 def _recipe_params(shapes, seed, head_dim):
@@ -87,7 +72,7 @@ def _config(case):
 def _abstract_params(cfg, tokens):
   variables = jax.eval_shape(
       lambda: T5Encoder(cfg).init(jax.random.PRNGKey(0), tokens))
-  return _flat(nn.meta.unbox(variables["params"]))
+  return traverse_util.flatten_dict(nn.meta.unbox(variables["params"]), sep="/")
 
 
 def test_metadata_describes_npz(golden):
@@ -129,7 +114,7 @@ def _errors(case, golden, cfg):
   tokens = golden[f"{case}/tokens"]
   # Op by op, as the golden outputs were made (under jax.jit, XLA's fusion may
   # reorder float32 sums differently for the two programs).
-  out = T5Encoder(cfg).apply({"params": _unflatten(params)}, tokens)
+  out = T5Encoder(cfg).apply({"params": traverse_util.unflatten_dict(params, sep="/")}, tokens)
   np.testing.assert_array_equal(np.asarray(out.mask), tokens > 0)
   assert len(out.layers) == cfg.num_layers
   got = {"final": (out.final, cfg.num_layers),

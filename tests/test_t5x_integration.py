@@ -24,6 +24,7 @@ pytest.importorskip("t5x", reason="t5x is not importable (put ../shared/third_pa
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from flax import traverse_util  # noqa: E402
 
 from levi_jax import methods, optim, step as step_lib, trainer  # noqa: E402
 from levi_jax.checkpoints import t5x as t5x_ckpt  # noqa: E402
@@ -133,7 +134,8 @@ def test_t5x_eval_gives_the_rmse_of_our_eval(t5x_run, exported, tmp_path):
   # The same checkpoint through our eval step.
   model = _demo_model(exported)
   flat, _ = t5x_ckpt.read_t5x(ckpt, prefixes=("target/",))
-  params = t5x_ckpt.unflatten({k[len("target/"):]: v for k, v in flat.items()})
+  params = traverse_util.unflatten_dict({k[len("target/"):]: v for k, v in flat.items()},
+                                        sep="/")
   ours = _our_rmse(model, params, "ood_test")
   assert ours["count"] == len(pipeline.prepare(TASK).rows("ood_test"))
   assert abs(t5x_metrics["rmse"] - ours["rmse"]) <= 1e-5 * ours["rmse"], (t5x_metrics, ours)

@@ -10,14 +10,13 @@ with a `CheckpointMismatchError` that lists every difference.
 * `wordpiece`: `WordPieceVocabulary`, a seqio Vocabulary (imports TensorFlow).
 """
 
-from levi_jax.checkpoints.common import (CheckpointMismatchError, abstract_params,
-                                         flatten, merge_params, unflatten)
+from levi_jax.checkpoints.common import CheckpointMismatchError, abstract_params, merge_params
 from levi_jax.checkpoints.hf import (bert_config_from_hf, hf_bert_encoder, hf_t5_encoder,
                                      load_hf_bert, load_hf_t5, t5_config_from_hf)
 from levi_jax.checkpoints.t5x import find_checkpoint, load_t5x, read_t5x, save_t5x
 
 __all__ = [
     "CheckpointMismatchError", "abstract_params", "bert_config_from_hf", "find_checkpoint",
-    "flatten", "hf_bert_encoder", "hf_t5_encoder", "load_hf_bert", "load_hf_t5", "load_t5x",
-    "merge_params", "read_t5x", "save_t5x", "t5_config_from_hf", "unflatten",
+    "hf_bert_encoder", "hf_t5_encoder", "load_hf_bert", "load_hf_t5", "load_t5x",
+    "merge_params", "read_t5x", "save_t5x", "t5_config_from_hf",
 ]

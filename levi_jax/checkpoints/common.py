@@ -13,6 +13,7 @@ import re
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,34 +63,6 @@ def _clip(items: list, n: int = 40) -> list:
   return items if len(items) <= n else items[:n] + [f"... and {len(items) - n} more"]
 
 
-def flatten(tree: Mapping[str, Any], sep: str = "/") -> Flat:
-  """`{"a": {"b": x}}` -> `{"a/b": x}` (leaves are anything but mappings)."""
-  out: Flat = {}
-
-  def visit(prefix, node):
-    for k, v in node.items():
-      name = f"{prefix}{sep}{k}" if prefix else str(k)
-      if isinstance(v, Mapping):
-        visit(name, v)
-      else:
-        out[name] = v
-
-  visit("", tree)
-  return out
-
-
-def unflatten(flat: Mapping[str, Any], sep: str = "/") -> dict:
-  """Inverse of `flatten`."""
-  tree: dict = {}
-  for name, v in flat.items():
-    node = tree
-    *parents, leaf = name.split(sep)
-    for k in parents:
-      node = node.setdefault(k, {})
-    node[leaf] = v
-  return tree
-
-
 def abstract_params(module: nn.Module, *inputs: Any) -> dict:
   """The module's parameter shapes/dtypes without computing anything (unboxed)."""
   variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))
@@ -124,7 +97,7 @@ def merge_params(init_params: Mapping[str, Any], loaded: Mapping[str, Any], *,
     CheckpointMismatchError: names missing or unexpected, shapes differ, or a
       non-float array where the model wants a float one.
   """
-  want = flatten(nn.meta.unbox(init_params))
+  want = traverse_util.flatten_dict(nn.meta.unbox(init_params), sep="/")
   keep = [re.compile(p) for p in dont_load]
   kept = {n for n in want if any(p.fullmatch(n) for p in keep)}
   missing = [n for n in want if n not in loaded and n not in kept]
@@ -147,4 +120,4 @@ def merge_params(init_params: Mapping[str, Any], loaded: Mapping[str, Any], *,
       out[name] = np.asarray(arr).astype(ref.dtype, copy=False)
   if missing or unexpected or shapes or dtypes:
     raise CheckpointMismatchError(source, missing, unexpected, shapes, dtypes, hint)
-  return unflatten(out)
+  return traverse_util.unflatten_dict(out, sep="/")

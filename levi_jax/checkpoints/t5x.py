@@ -32,14 +32,14 @@ import time
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
+from flax import traverse_util
 import jax.numpy as jnp
 import msgpack
 import numpy as np
 import tensorstore as ts
 
 from levi_jax.checkpoints import msgpack_stream
-from levi_jax.checkpoints.common import (CheckpointMismatchError, Flat, flatten,
-                                         merge_params, unflatten)
+from levi_jax.checkpoints.common import CheckpointMismatchError, Flat, merge_params
 from levi_jax.checkpoints.msgpack_stream import is_ts_spec
 
 # The subtrees of T5X's `target` that `T5Encoder` holds.
@@ -156,22 +156,18 @@ def _read_orbax(state_dir: str, prefixes: Sequence[str]) -> tuple[Flat, list[str
     meta = json.load(f)
   names = ["/".join(str(k["key"]) for k in e["key_metadata"])
            for e in meta["tree_metadata"].values()]
-  item: dict = {}
-  for n in names:
-    if msgpack_stream.wanted(n, prefixes):
-      node = item
-      *parents, leaf = n.split("/")
-      for k in parents:
-        node = node.setdefault(k, {})
-      node[leaf] = 0  # A placeholder: orbax reads the stored shape and dtype.
-  if not item:
+  wanted = [n for n in names if msgpack_stream.wanted(n, prefixes)]
+  if not wanted:
     return {}, names
-  restore_args = {k: ocp.RestoreArgs(restore_type=np.ndarray)
-                  for k in flatten(item)}
+  # Placeholder leaves: orbax reads the stored shape and dtype.
+  item = traverse_util.unflatten_dict({n: 0 for n in wanted}, sep="/")
+  restore_args = traverse_util.unflatten_dict(
+      {n: ocp.RestoreArgs(restore_type=np.ndarray) for n in wanted}, sep="/")
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
     restored = ckptr.restore(os.path.abspath(state_dir), args=ocp.args.PyTreeRestore(
-        item=item, restore_args=unflatten(restore_args), partial_restore=True))
-  return {k: np.asarray(v) for k, v in flatten(restored).items()}, names
+        item=item, restore_args=restore_args, partial_restore=True))
+  return {k: np.asarray(v)
+          for k, v in traverse_util.flatten_dict(restored, sep="/").items()}, names
 
 
 def _describe(names: Sequence[str]) -> str:
@@ -208,7 +204,7 @@ def load_t5x(init_params: Mapping[str, Any], path: str, *, step: int | None = No
     hint = _describe(names)
     if any(n.startswith("target/decoder/") for n in names):
       hint = "a decoder-only checkpoint has no encoder to restore; " + hint
-    want = flatten(nn.meta.unbox(init_params))
+    want = traverse_util.flatten_dict(nn.meta.unbox(init_params), sep="/")
     raise CheckpointMismatchError(source, missing=["target/" + n for n in want], hint=hint)
   loaded = {k[len("target/"):]: v for k, v in arrays.items()}
   return merge_params(init_params, loaded, source=source, dont_load=dont_load,
@@ -242,7 +238,7 @@ def save_t5x(params: Mapping[str, Any], model_dir: str, step: int = 0, *,
   Returns:
     The step directory.
   """
-  flat = flatten(nn.meta.unbox(params))
+  flat = traverse_util.flatten_dict(nn.meta.unbox(params), sep="/")
   if not any(k.startswith(("encoder/", "token_embedder/")) for k in flat):
     raise ValueError(f"save_t5x expects T5Encoder params, got names {sorted(flat)[:5]}")
   final = os.path.join(os.path.abspath(model_dir), f"checkpoint_{step}")
@@ -267,7 +263,7 @@ def save_t5x(params: Mapping[str, Any], model_dir: str, step: int = 0, *,
   for w in writes:
     w.result()
   contents = {"version": _T5X_VERSION,
-              "optimizer": {"target": unflatten(target),
+              "optimizer": {"target": traverse_util.unflatten_dict(target, sep="/"),
                             "state": {"step": np.int32(step)}}}
   with open(os.path.join(tmp, _MSGPACK_FILE), "wb") as f:
     f.write(msgpack.packb(contents, default=msgpack_stream.ext_pack, strict_types=True))
