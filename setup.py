@@ -28,6 +28,7 @@ setup(
         "orbax-checkpoint>=0.12.8",
         "tensorstore>=0.1.86",
         "msgpack>=1.0",
+        "safetensors>=0.8.0",  # Hugging Face weights (levi_jax.checkpoints.hf).
         "numpy>=2.0",
         "gin-config>=0.5.0",
         "absl-py>=2.1",

@@ -2,9 +2,9 @@
 
 A HF folder holds `config.json` and the weights as `model.safetensors` (or a
 sharded `model.safetensors.index.json`) or `flax_model.msgpack`. Weights are
-read without `transformers`, `torch` or `safetensors`: from safetensors files
-only the tensors the encoder needs are read, each at its offset; flax msgpack
-files are streamed and only the encoder subtrees are decoded.
+read without `transformers` or `torch`: from safetensors files (`safetensors.
+safe_open`) only the tensors the encoder needs are read; flax msgpack files are
+streamed and only the encoder subtrees are decoded.
 
 Names are first brought to the PyTorch spelling (`encoder.block.0.layer.0.
 SelfAttention.q.weight`, Linear weights `[out, in]`), then mapped to our trees:
@@ -25,17 +25,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
+import safetensors
 
 from levi_jax.checkpoints import msgpack_stream
 from levi_jax.checkpoints.common import Flat, abstract_params, merge_params
 from levi_jax.models.bert import ACTIVATIONS, BertConfig, BertEncoder
 from levi_jax.models.t5_encoder import T5Config, T5Encoder
-
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
-}
 
 # HF `feed_forward_proj` -> T5Config.mlp_activations. HF's gated-gelu is the
 # tanh approximation ("gelu_new"), which is flax's `nn.gelu` default.
@@ -57,31 +52,23 @@ def read_config(folder: str) -> dict:
     return json.load(f)
 
 
-def _safetensors_index(file: str) -> dict[str, tuple[str, np.dtype, tuple, int]]:
-  """`{name: (file, dtype, shape, byte offset)}` from a safetensors header."""
-  with open(file, "rb") as f:
-    n = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(n))
-  out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    if info["dtype"] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
-    begin, _ = info["data_offsets"]
-    out[name] = (file, np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]), tuple(info["shape"]),
-                 8 + n + begin)
-  return out
+def _safetensors_index(file: str) -> dict[str, str]:
+  """`{name: file}` for the tensors of a safetensors file (reads its header only)."""
+  with safetensors.safe_open(file, framework="numpy") as f:
+    return {name: file for name in f.keys()}
 
 
-def _read_safetensors(index: Mapping[str, tuple], names: Sequence[str]) -> Flat:
+def _read_safetensors(index: Mapping[str, str], names: Sequence[str]) -> Flat:
   """Reads the named tensors (only their bytes) from safetensors files."""
-  out = {}
+  by_file: dict[str, list[str]] = {}
   for name in names:
-    file, dtype, shape, offset = index[name]
-    count = int(np.prod(shape))
-    out[name] = np.fromfile(file, dtype=dtype, count=count, offset=offset).reshape(shape)
-  return out
+    by_file.setdefault(index[name], []).append(name)
+  out = {}
+  for file, file_names in by_file.items():
+    with safetensors.safe_open(file, framework="numpy") as f:
+      for name in file_names:
+        out[name] = f.get_tensor(name)
+  return {name: out[name] for name in names}
 
 
 def _torch_name(flax_name: str) -> tuple[str, bool]:
