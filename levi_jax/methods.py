@@ -1,6 +1,6 @@
 """One factory from a method name to (model, which parameters train).
 
-Every method is built from the same parts (`LeviModel`, `EnsembleModel`,
+Every method is built from the same parts (`ViewFusionModel`, `EnsembleModel`,
 `lora`) so that comparisons are like for like:
 
 | name      | model                                           | trains                    |
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from levi_jax.models import lora as lora_lib
-from levi_jax.models.levi import EnsembleModel, LeviModel, Tap
+from levi_jax.models.levi import EnsembleModel, ViewFusionModel, Tap
 
 METHODS = ("levi", "levi_ft", "levi_lora", "ft", "lp", "lpft", "wiseft", "lora",
            "scratch", "ensemble")
@@ -61,7 +61,7 @@ class Method:
 
   Attributes:
     name: one of `METHODS`.
-    module: the flax module (`LeviModel` or `EnsembleModel`).
+    module: the flax module (`ViewFusionModel` or `EnsembleModel`).
     stages: training phases (one for most methods, two for lpft/wiseft).
     lora: LoRA config when the backbone carries adapters.
     wise_alphas: WiSE-FT mixing weights of the final (FT) weights with the
@@ -165,7 +165,7 @@ def make_method(
     backbone: encoder module returning `EncoderOutput` (e.g. `T5Encoder`).
     task_net: small model trained from scratch (`FeatureTower`/`TokenTower`).
     taps, pooling, adapter_dim, fusion_hidden, aux_heads, fusion: LEVI's
-      settings (see `LeviModel`); the probe baselines use a linear head on the
+      settings (see `ViewFusionModel`); the probe baselines use a linear head on the
       pooled final output and the same pooling.
     num_outputs: 1 for regression, class count for classification.
     lora: LoRA settings for lora/levi_lora (default `LoraConfig()`).
@@ -200,20 +200,21 @@ def make_method(
                      "model alone (use method 'scratch' for that); give at least one tap, "
                      "e.g. taps=('middle', -1)")
 
-  def levi(freeze: bool) -> LeviModel:
-    return LeviModel(backbone=backbone, task_net=task_net, taps=tuple(taps),
-                     pooling=pooling, adapter_dim=adapter_dim, fusion_hidden=fusion_hidden,
-                     num_outputs=num_outputs, aux_heads=aux_heads, freeze_backbone=freeze,
-                     output_bias=output_bias, fusion=fusion, dtype=dtype)
+  def levi(freeze: bool) -> ViewFusionModel:
+    return ViewFusionModel(backbone=backbone, task_net=task_net, taps=tuple(taps),
+                           pooling=pooling, adapter_dim=adapter_dim,
+                           fusion_hidden=fusion_hidden, num_outputs=num_outputs,
+                           aux_heads=aux_heads, freeze_backbone=freeze,
+                           output_bias=output_bias, fusion=fusion, dtype=dtype)
 
-  def probe(freeze: bool) -> LeviModel:
-    return LeviModel(backbone=backbone, taps=("final",), pooling=pooling, adapter_dim=None,
-                     fusion_hidden=(), num_outputs=num_outputs, freeze_backbone=freeze,
-                     output_bias=output_bias, dtype=dtype)
+  def probe(freeze: bool) -> ViewFusionModel:
+    return ViewFusionModel(backbone=backbone, taps=("final",), pooling=pooling,
+                           adapter_dim=None, fusion_hidden=(), num_outputs=num_outputs,
+                           freeze_backbone=freeze, output_bias=output_bias, dtype=dtype)
 
-  def scratch() -> LeviModel:
-    return LeviModel(task_net=task_net, fusion_hidden=fusion_hidden,
-                     num_outputs=num_outputs, output_bias=output_bias, dtype=dtype)
+  def scratch() -> ViewFusionModel:
+    return ViewFusionModel(task_net=task_net, fusion_hidden=fusion_hidden,
+                           num_outputs=num_outputs, output_bias=output_bias, dtype=dtype)
 
   one = lambda *frozen: (Stage("train", tuple(frozen)),)
   two = (Stage("lp", frozen_backbone, lp_fraction), Stage("ft", (), 1.0 - lp_fraction))

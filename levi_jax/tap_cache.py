@@ -1,6 +1,6 @@
 """Cached pooled backbone taps: run a frozen backbone once per split, not every step.
 
-A frozen backbone's pooled taps (`LeviModel.pooled_taps`) depend on the
+A frozen backbone's pooled taps (`ViewFusionModel.pooled_taps`) depend on the
 example only, so for methods whose backbone is frozen for the whole run
 (`levi`, `lp`, `ensemble` with its LP member) they can be computed once per
 split and read from the batch (`models.levi.CACHED_TAPS`) in every step,
@@ -57,7 +57,7 @@ import ml_dtypes
 import numpy as np
 
 from levi_jax import checkpointing, methods, partitioning
-from levi_jax.models.levi import CACHED_TAPS, EnsembleModel, LeviModel, resolve_taps
+from levi_jax.models.levi import CACHED_TAPS, EnsembleModel, ViewFusionModel, resolve_taps
 
 log = logging.getLogger("levi_jax")
 Arrays = dict[str, np.ndarray]
@@ -248,8 +248,8 @@ def read_npz_array(path: str, name: str, dtype=None) -> DiskArray:
 class TapSource:
   """The part of a method that reads taps: its module and backbone params path."""
 
-  module: LeviModel
-  prefix: str  # '/'-joined path of the LeviModel's params ("" at the root)
+  module: ViewFusionModel
+  prefix: str  # '/'-joined path of the ViewFusionModel's params ("" at the root)
 
 
 def tap_source(method: methods.Method) -> tuple[TapSource | None, str]:
@@ -266,7 +266,7 @@ def tap_source(method: methods.Method) -> tuple[TapSource | None, str]:
   members = root.members if isinstance(root, EnsembleModel) else (root,)
   readers = [(m, f"members_{i}" if isinstance(root, EnsembleModel) else "")
              for i, m in enumerate(members)
-             if isinstance(m, LeviModel) and m.backbone is not None and m.taps]
+             if isinstance(m, ViewFusionModel) and m.backbone is not None and m.taps]
   if len(readers) != 1:
     return None, "no single module reads backbone taps"
   module, prefix = readers[0]
@@ -320,7 +320,7 @@ def tap_shape(source: TapSource, backbone: Any, inputs: np.ndarray) -> tuple[int
   row = jax.ShapeDtypeStruct((1,) + inputs.shape[1:], inputs.dtype)
   out = jax.eval_shape(
       lambda bb, x: source.module.apply({"params": {methods.BACKBONE: bb}}, {"inputs": x},
-                                       method=LeviModel.pooled_taps), backbone, row)
+                                       method=ViewFusionModel.pooled_taps), backbone, row)
   return tuple(out.shape[1:])
 
 
@@ -340,7 +340,7 @@ def iter_taps(source: TapSource, backbone: Any, inputs: np.ndarray, mesh: jax.sh
   def fn(bb, batch):
     with nn.logical_axis_rules(rules):
       return module.apply({"params": {methods.BACKBONE: bb}}, batch,
-                          method=LeviModel.pooled_taps)
+                          method=ViewFusionModel.pooled_taps)
 
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   taps_fn = jax.jit(fn, in_shardings=(None, partitioning.batch_sharding(mesh)),

@@ -150,7 +150,7 @@ def test_reads_bfloat16_and_sharded_safetensors(tmp_path):
 def test_bert_backbone_dtype_axes_and_levi_taps():
   import flax.linen as nn
 
-  from levi_jax.models.levi import LeviModel
+  from levi_jax.models.levi import ViewFusionModel
 
   folder = os.path.join(DATA, "bert_tiny")
   golden = _golden("bert_tiny")
@@ -168,8 +168,8 @@ def test_bert_backbone_dtype_axes_and_levi_taps():
   assert tuple(attn["output"]["dense"]["kernel"]) == ("joined_kv", "embed")
   assert tuple(axes["encoder"]["layer_1"]["intermediate"]["dense"]["kernel"]) == ("embed", "mlp")
   # LEVI taps the BERT backbone like the T5 one (traced, not compiled: seconds).
-  levi = LeviModel(backbone=BertEncoder(model.config.replace(dtype=jnp.float32)),
-                   taps=("middle", -1), num_outputs=3)
+  levi = ViewFusionModel(backbone=BertEncoder(model.config.replace(dtype=jnp.float32)),
+                         taps=("middle", -1), num_outputs=3)
   batch = {"inputs": jnp.asarray(golden["tokens"])}
   shapes = jax.eval_shape(levi.init, jax.random.key(1), batch)["params"]
   assert set(shapes) >= {"backbone", "adapter_0", "adapter_1", "head"}

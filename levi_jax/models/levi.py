@@ -37,7 +37,7 @@ Ensemble of Different Views", ICML 2024) states [paper] and what we chose [ours]
   train step differentiates only the trainable subtree, so no gradient is
   computed for (nor optimizer state kept for) the backbone.
 * Beyond the paper: a frozen backbone's pooled taps depend on the example
-  only, so they can be computed once (`LeviModel.pooled_taps`) and passed in
+  only, so they can be computed once (`ViewFusionModel.pooled_taps`) and passed in
   the batch under `CACHED_TAPS`; the backbone then does not run.
 
 The same module, with other settings, is every baseline (see
@@ -109,8 +109,12 @@ def pool(x: Array, mask: Array, pooling: str) -> Array:
   raise ValueError(f"unknown pooling {pooling!r}; expected 'mean' or 'first'")
 
 
-class LeviModel(nn.Module):
-  """Backbone taps + small task model, fused by adapting layers and an MLP.
+class ViewFusionModel(nn.Module):
+  """Views (pooled backbone taps, a small task model) fused by adapting layers and a head.
+
+  LEVI is both views; with other settings the same module is each
+  single-model baseline (`levi_jax.methods`): FT/LP/LP-FT/LoRA are the final
+  tap alone with a linear head, Scratch is the task net alone with an MLP head.
 
   Attributes:
     backbone: an encoder returning `EncoderOutput` (e.g. `T5Encoder`), or None.
@@ -207,7 +211,7 @@ class LeviModel(nn.Module):
     if self.task_net is not None:
       views.append(self.task_net(batch).astype(self.dtype))
     if not views:
-      raise ValueError("LeviModel needs a backbone with taps, a task_net, or both")
+      raise ValueError("ViewFusionModel needs a backbone with taps, a task_net, or both")
     return views
 
   @nn.compact

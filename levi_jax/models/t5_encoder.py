@@ -109,6 +109,10 @@ _GATED_GELU = ("gelu", "linear")
 _RELU = ("relu",)
 
 # T5X's numbers (t5x/examples/t5/t5_1_1/*.gin, t5_1_0/*.gin); vocab 32128.
+# The one place levi_jax keeps T5 sizes: gin files name a preset (BACKBONE =
+# 't5_1_1_base') rather than bind T5Config, because the trainer, the T5X model,
+# the checkpoint loaders and the tests all build configs from a name; tests/
+# test_t5x_golden.py checks each preset against T5X's own gin file.
 PRESETS: dict[str, T5Config] = {
     "t5_1_1_tiny": T5Config(emb_dim=8, num_heads=4, num_layers=2, head_dim=3,
                             mlp_dim=16, mlp_activations=_GATED_GELU),

@@ -130,7 +130,7 @@ class FeatureTower(nn.Module):
   def __call__(self, batch: Mapping[str, Array],
                injections: Sequence[Array | None] = ()) -> Array:
     """The representation; `injections[i]` is added to hidden layer i's output
-    (layer-wise fusion: `LeviModel(fusion="layerwise")`)."""
+    (layer-wise fusion: `ViewFusionModel(fusion="layerwise")`)."""
     if not self.features:
       raise ValueError("FeatureTower needs at least one CategoricalFeature")
     parts = []
