@@ -90,36 +90,30 @@ def rules_for(cfg: MeshConfig) -> tuple[tuple[str, str | None], ...]:
 def logical_to_sharding(tree: Any, mesh: Mesh, rules) -> Any:
   """NamedShardings for a tree of abstract leaves, boxed or not.
 
-  A `LogicallyPartitioned` leaf is sharded by its axis names (a dimension
-  the mesh axis does not divide is kept whole); a leaf whose names don't fit
-  its rank (e.g. Adafactor's factored moments, created by
-  mapping over boxed params) and an unboxed leaf are replicated.
+  A `LogicallyPartitioned` leaf is sharded by its axis names through
+  `nn.logical_to_mesh_sharding` (a dimension the mesh axis does not divide is
+  kept whole); a leaf whose names don't fit its rank (e.g. Adafactor's
+  factored moments, created by mapping over boxed params) and an unboxed leaf
+  are replicated.
   """
-  replicated = NamedSharding(mesh, P())
+  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
 
-  def one(leaf):
-    if not isinstance(leaf, nn.LogicallyPartitioned):
-      return replicated
-    if len(leaf.names) != np.ndim(leaf.value):
-      return replicated
-    spec = _fit(nn.logical_to_mesh_axes(leaf.names, rules))
-    # A dimension the mesh axis doesn't divide (a 1-wide regression head,
-    # a vocab of 1000 over 16 devices) stays whole.
-    spec = P(*(ax if ax is None or dim % mesh.shape[ax] == 0 else None
-               for ax, dim in zip(spec, np.shape(leaf.value))))
-    return NamedSharding(mesh, spec)
+  def logical_spec(leaf):
+    if is_box(leaf) and len(leaf.names) == np.ndim(leaf.value):
+      return P(*leaf.names)
+    return P()
 
-  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  def divisible(sharding, leaf):
+    # jax.jit and device_put reject a sharding whose mesh axis does not divide
+    # the dimension (a 1-wide regression head, a vocab of 1000 over 16
+    # devices), so such a dimension stays replicated.
+    shape = np.shape(leaf.value if is_box(leaf) else leaf)
+    return NamedSharding(mesh, P(*(ax if ax is None or dim % mesh.shape[ax] == 0 else None
+                                   for ax, dim in zip(sharding.spec, shape))))
 
-
-def _fit(spec: P) -> P:
-  """Drops a mesh axis used twice within one spec (e.g. embed and mlp on fsdp)."""
-  seen, out = set(), []
-  for ax in spec:
-    out.append(None if ax is not None and ax in seen else ax)
-    if ax is not None:
-      seen.add(ax)
-  return P(*out)
+  shardings = nn.logical_to_mesh_sharding(
+      jax.tree.map(logical_spec, tree, is_leaf=is_box), mesh, rules)
+  return jax.tree.map(divisible, shardings, tree, is_leaf=is_box)
 
 
 def abstract_state(init_fn: Callable[[], Any], mesh: Mesh, rules) -> Any:
