@@ -109,8 +109,8 @@ def batches_digest(data: trainer.TaskData, cfg: PretrainConfig, steps: int = 3
 
 def vocabulary_file(cfg: PretrainConfig) -> str:
   """The SentencePiece model of the world's text (what the backbone learns)."""
-  from levi_jax.data import pipeline
-  return pipeline.vocabulary_path(TASK, cfg.data_dir or None)
+  from levi_jax import input_pipeline
+  return input_pipeline.vocabulary_path(TASK, cfg.data_dir or None)
 
 
 def _restore_params(model_dir: str) -> dict:
@@ -187,8 +187,8 @@ def prestige_effect(path: str, task: str = PROBE_TASK, data_dir: str = "",
   mean change in prediction when each prestige word is replaced by a plain
   adjective (same rows, only that word differs).
   """
-  from levi_jax.data import pipeline
-  prepared = pipeline.prepare(task, data_dir or None)
+  from levi_jax import input_pipeline
+  prepared = input_pipeline.prepare(task, data_dir or None)
   carried = pretrained.checkpoint_vocabulary(path)
   if carried is None:
     raise ValueError(f"{path} carries no vocabulary ({pretrained.VOCAB_MANIFEST})")
@@ -206,10 +206,10 @@ def prestige_effect(path: str, task: str = PROBE_TASK, data_dir: str = "",
              for t in texts]
   tree = checkpointing.restore_tree(path)
   method = trainer.build_method(model_config(), trainer.TaskData(
-      {"targets": targets}, {}, (), pipeline.vocabulary_size(vocab)))
+      {"targets": targets}, {}, (), input_pipeline.vocabulary_size(vocab)))
   params = jax.device_put({"backbone": tree["backbone"], "head": tree["head"]})
-  pred = _predict(method, params, pipeline.tokenize(texts, vocab, SEQ_LENGTH))
-  pred_swapped = _predict(method, params, pipeline.tokenize(swapped, vocab, SEQ_LENGTH))
+  pred = _predict(method, params, input_pipeline.tokenize(texts, vocab, SEQ_LENGTH))
+  pred_swapped = _predict(method, params, input_pipeline.tokenize(swapped, vocab, SEQ_LENGTH))
   return {"rows": int(len(texts)), "prestige_rows": int(prestige.sum()),
           "observed": float(pred[prestige].mean() - pred[~prestige].mean()),
           "true": float(targets[prestige].mean() - targets[~prestige].mean()),

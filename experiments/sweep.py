@@ -77,15 +77,15 @@ DEFAULT_DATASETS = ("movielens_100k", "amazon_2018")
 
 def tasks_for(shifts: Sequence[str], datasets: Sequence[str]) -> list[str]:
   """Task names: `all` = every shift of `datasets`; a shift name is looked up in them."""
-  from levi_jax.data import pipeline
-  known = pipeline.task_names()
+  from levi_jax import input_pipeline
+  known = input_pipeline.task_names()
   if list(shifts) == ["all"]:
     return [t for d in datasets for t in known if t.startswith(d + ".")]
   out = []
   for s in shifts:
     matches = [s] if s in known else [f"{d}.{s}" for d in datasets if f"{d}.{s}" in known]
     if not matches:
-      pipeline.lookup_task(f"{datasets[0]}.{s}")  # raises, naming close matches
+      input_pipeline.lookup_task(f"{datasets[0]}.{s}")  # raises, naming close matches
     out += matches
   return out
 
@@ -275,8 +275,8 @@ def reference_baselines(task: str, data_dir: str = "") -> dict[str, dict[str, An
   nothing a user needs beyond how good each item is.
   """
   from levi_jax import references
-  from levi_jax.data import pipeline
-  prepared = pipeline.prepare(task, data_dir or None)
+  from levi_jax import input_pipeline
+  prepared = input_pipeline.prepare(task, data_dir or None)
   arrays = {split: prepared.source_arrays(split) for split in prepared.splits}
   fitted = references.fit_references(arrays["train"], prepared.feature_specs,
                                      arrays.get("validation"))
@@ -593,8 +593,8 @@ def restricted_out(restrict: Mapping[str, tuple[set[str], set[int] | None]], run
 
 def epochs_to_steps(task: str, data_dir: str, epochs: float, batch_size: int) -> int:
   """Training steps for `epochs` passes over the task's training split."""
-  from levi_jax.data import pipeline
-  rows = len(pipeline.prepare(task, data_dir or None).rows("train"))
+  from levi_jax import input_pipeline
+  rows = len(input_pipeline.prepare(task, data_dir or None).rows("train"))
   return max(1, int(round(epochs * rows / batch_size)))
 
 
@@ -606,13 +606,13 @@ def validate_grid(tasks: Sequence[str], data_dir: str, implicit: bool) -> list[s
   them; an explicitly named task with missing data is an error, as is a grid
   left empty.
   """
-  from levi_jax.data import pipeline, report
+  from levi_jax import input_pipeline
   kept, missing = [], {}
   for task in tasks:
     try:
-      pipeline.prepare(task, data_dir or None)
+      input_pipeline.prepare(task, data_dir or None)
       kept.append(task)
-    except report.MissingFilesError as e:
+    except input_pipeline.MissingFilesError as e:
       missing[task] = e
   if missing and (not implicit or not kept):
     raise ValueError("the grid names tasks whose data are missing from "
@@ -667,8 +667,8 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
   methods = list(dict.fromkeys(m for m, _, _ in plan.values()))
   grid = parse_lr_grid(args.lr_grid, methods)
   restrict = parse_restrict(args.restrict, list(plan))
-  from levi_jax.data import pipeline
-  known = pipeline.task_names()  # a restriction may name shifts another invocation runs
+  from levi_jax import input_pipeline
+  known = input_pipeline.task_names()  # a restriction may name shifts another invocation runs
   for name, (shifts_of, _) in restrict.items():
     unknown = {x for x in shifts_of if x not in known and not any(
         t.split(".", 1)[1] == x for t in known)}

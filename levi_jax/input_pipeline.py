@@ -1,4 +1,25 @@
-"""In-memory task data for the trainer: input shards, deterministic batches, eval padding.
+"""Examples for every reader: raw files to numpy arrays or seqio Tasks, then shards and batches.
+
+The trainer, the tap cache, the T5X integration and `levi_jax.data.inspect`
+read examples through this module. The path, by module:
+
+    raw files (MovieLens, Amazon; or TFDS)       levi_jax.data.paths: the data dir
+      -> parser                                   levi_jax.data.formats (levi_jax.data.schema,
+                                                  levi_jax.data.load_report); tfds_source
+      -> RatingsTable                             levi_jax.data.table, via datasets.load_table
+      -> shift split                              levi_jax.data.shifts
+      -> encoded features + texts                 levi_jax.data.prepare (PreparedTask)
+      -> tokens                                   levi_jax.data.tokens (spm, wordpiece)
+      -> arrays (`load_split_arrays`)  |  seqio Task (levi_jax.data.tasks)
+      -> input shards (`InputShards`)  |  seqio.ShardInfo
+      -> batches (`shard_batch_indices`, `eval_batches`)
+
+An example is `inputs`, int32 [length]: the text's token ids truncated to
+length - 1, then EOS, padded with 0 (`levi_jax.data.tokens`); one int32 id per
+categorical feature (scalar, or a [K] bag padded with 0; `prepare`); and
+`targets`, the float32 rating. The arrays and the seqio Tasks hold the same
+examples; neither the arrays of a SentencePiece vocabulary nor this module
+import TensorFlow.
 
 Every split's rows are dealt round-robin to `num_shards` input shards (row i
 to shard i % num_shards, as `seqio.ShardInfo` and `tf.data.Dataset.shard` do),
@@ -19,7 +40,20 @@ import functools
 
 import numpy as np
 
+from levi_jax.data import datasets
+from levi_jax.data.load_report import MalformedDataError, MissingFilesError
+from levi_jax.data.prepare import (PreparedTask, UnknownTaskError, feature_specs, lookup_task,
+                                   prepare, task_names, vocabulary_path)
+from levi_jax.data.tokens import DEFAULT_INPUTS_LENGTH, tokenize, vocabulary_size
 from levi_jax.models.task_net import CategoricalFeature
+
+__all__ = [
+    "Arrays", "DEFAULT_INPUTS_LENGTH", "InputShards", "MalformedDataError", "MissingFilesError",
+    "PreparedTask", "TaskData", "UnknownTaskError", "batch_indices", "eval_batches",
+    "feature_specs", "load_split_arrays", "load_task_data", "lookup_task", "num_rows",
+    "prepare", "select_shards", "shard_batch_indices", "split_validation", "task_names",
+    "tokenize", "vocabulary_path", "vocabulary_size",
+]
 
 Arrays = dict[str, np.ndarray]
 
@@ -93,6 +127,7 @@ class TaskData:
 
 
 def num_rows(arrays: Arrays) -> int:
+  """The number of examples in `arrays`."""
   return len(arrays["targets"])
 
 
@@ -180,44 +215,77 @@ def eval_batches(arrays: Arrays, batch_size: int, num_batches: int | None = None
     yield batch
 
 
+def load_split_arrays(name: str, split: str, data_dir: str | None = None,
+                      inputs_length: int = DEFAULT_INPUTS_LENGTH, vocab_path: str | None = None,
+                      max_bad_fraction: float = datasets.DEFAULT_MAX_BAD_FRACTION,
+                      shard: tuple[int, int] | None = None,
+                      select: np.ndarray | None = None,
+                      duplicates: str = datasets.DEFAULT_DUPLICATES) -> Arrays:
+  """A split of task `name` as numpy arrays, in the split's (deterministic) order.
+
+  Args:
+    vocab_path: the `inputs` vocabulary (a SentencePiece model or a WordPiece
+      `vocab.txt`); None: the task's own (`vocabulary_path`).
+    duplicates: see `levi_jax.data.prepare.prepare`.
+    shard: `(index, num_shards)`: only that input shard's rows, the rows
+      `seqio.get_dataset(..., shard_info=seqio.ShardInfo(index, num_shards))`
+      yields for the split.
+    select: only these positions within the split (in this order).
+    Only the kept rows are tokenized.
+
+  Returns:
+    `inputs` int32 [n, inputs_length], each categorical feature int32 [n] or
+    [n, K], `targets` float32 [n]; the same examples `levi_jax.data.tasks`
+    yields through seqio. Arrays are read-only (the whole split's are cached).
+  """
+  if inputs_length < 2:
+    raise ValueError(f"inputs_length must be >= 2 (text plus EOS), got {inputs_length}")
+  if shard is not None and select is not None:
+    raise ValueError("pass either shard or select, not both")
+  task = prepare(name, data_dir, max_bad_fraction, duplicates)
+  vocab = vocabulary_path(name, task.data_dir, vocab_path, max_bad_fraction)
+  if shard is not None:
+    index, count = shard
+    if not 0 <= index < count:
+      raise ValueError(f"shard index {index} is out of range for {count} shards")
+    select = InputShards(count, index, count).positions(len(task.rows(split)))
+  if select is None:
+    return _split_arrays(task, split, inputs_length, vocab)
+  src = task.source_arrays(split, select)
+  return {"inputs": tokenize(src.pop("inputs"), vocab, inputs_length), **src}
+
+
+@functools.lru_cache(maxsize=4)  # One task's splits; real datasets' arrays are large.
+def _split_arrays(task: PreparedTask, split: str, inputs_length: int, vocab: str) -> Arrays:
+  src = task.source_arrays(split)
+  out = {"inputs": tokenize(src.pop("inputs"), vocab, inputs_length), **src}
+  for v in out.values():
+    v.flags.writeable = False
+  return out
+
+
 def load_task_data(cfg, vocabulary_file: str | None = None,
                    shards: InputShards | None = None) -> TaskData:
-  """Loads a registered task's splits into memory (see `levi_jax.data.pipeline`).
+  """Loads a registered task's splits into memory (`load_split_arrays` of each).
 
   An empty `data_dir` means `LEVI_DATA_DIR`, else the embedded synthetic world.
 
   Args:
-    cfg: the `trainer.DataConfig` (task, data_dir, seq_length).
+    cfg: the `trainer.DataConfig` (task, data_dir, seq_length, duplicates).
     vocabulary_file: tokenize `inputs` with this vocabulary instead of the
       task's own: a SentencePiece model, or a WordPiece `vocab.txt` (BERT).
     shards: load only these input shards' rows of every split (only they are
       tokenized and kept); None: every row.
   """
-  from levi_jax.data import pipeline
-  task = pipeline.prepare(cfg.task, cfg.data_dir or None, duplicates=cfg.duplicates)
-  wordpiece = vocabulary_file is not None and vocabulary_file.endswith(".txt")
-  spm_path = None if wordpiece else vocabulary_file
+  task = prepare(cfg.task, cfg.data_dir or None, duplicates=cfg.duplicates)
   arrays, sizes = {}, {}
-  if wordpiece:
-    from levi_jax.checkpoints.wordpiece import WordPieceVocabulary
-    wordpieces = WordPieceVocabulary(vocabulary_file)
   for split in task.splits:
     sizes[split] = len(task.rows(split))
     select = None if shards is None else shards.positions(sizes[split])
-    if wordpiece:
-      src = task.source_arrays(split, select)
-      src["inputs"] = wordpieces.encode_padded(src["inputs"], cfg.seq_length)
-      arrays[split] = src
-    else:
-      arrays[split] = dict(pipeline.load_split_arrays(
-          cfg.task, split, task.data_dir, inputs_length=cfg.seq_length, vocab_path=spm_path,
-          select=select, duplicates=cfg.duplicates))
-  if wordpiece:
-    with open(vocabulary_file, encoding="utf-8") as f:
-      vocab_size = sum(1 for _ in f)
-  else:
-    vocab_size = pipeline.vocabulary_size(
-        pipeline.vocabulary_path(cfg.task, task.data_dir, spm_path))
+    arrays[split] = dict(load_split_arrays(
+        cfg.task, split, task.data_dir, inputs_length=cfg.seq_length,
+        vocab_path=vocabulary_file, select=select, duplicates=cfg.duplicates))
+  vocab_size = vocabulary_size(vocabulary_path(cfg.task, task.data_dir, vocabulary_file))
   return TaskData(train=arrays.pop("train"), evals=arrays,
                   features=tuple(task.feature_specs), vocab_size=vocab_size, shards=shards,
                   split_sizes=sizes if shards is not None else {})

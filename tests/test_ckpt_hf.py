@@ -102,7 +102,7 @@ def test_config_errors_are_readable(tmp_path):
 
 
 def test_wordpiece_matches_hf_tokenizer():
-  from levi_jax.checkpoints.wordpiece import WordPieceVocabulary
+  from levi_jax.data.wordpiece import WordPieceVocabulary
 
   vocab = WordPieceVocabulary(os.path.join(DATA, "bert_tiny", "vocab.txt"))
   tok = META["tokenizer"]

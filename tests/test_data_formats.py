@@ -10,8 +10,9 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from levi_jax.data import datasets, formats, pipeline
-from levi_jax.data.report import MalformedDataError, MissingFilesError
+from levi_jax import input_pipeline
+from levi_jax.data import datasets, formats, schema
+from levi_jax.data.load_report import MalformedDataError, MissingFilesError
 
 ML_NAMES = {"item_id": "movie_id", "rating": "user_rating"}
 
@@ -23,7 +24,7 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 
 def _flags(*genres):
-  return "|".join("1" if g in genres else "0" for g in formats.ML100K_GENRE_FLAGS)
+  return "|".join("1" if g in genres else "0" for g in schema.ML100K_GENRE_FLAGS)
 
 
 def write_ml100k(d, extra_ratings=(), ratings=None):
@@ -209,7 +210,7 @@ def test_amazon_2018_json_gzip_and_missing_fields(tmp_path):
 
 
 def test_damaged_gzip_names_the_file(tmp_path):
-  from levi_jax.data.report import MalformedDataError
+  from levi_jax.data.load_report import MalformedDataError
   write_amazon_2018(str(tmp_path / "amazon_2018"))
   gz = sorted((tmp_path / "amazon_2018").glob("*.json.gz"))[0]
   data = gz.read_bytes()
@@ -291,8 +292,8 @@ def test_missing_files_list_what_is_expected(tmp_path):
 
 
 def test_unknown_task_lists_close_matches():
-  with pytest.raises(pipeline.UnknownTaskError) as err:
-    pipeline.lookup_task("movielens_100k.gender_m_to_g")
+  with pytest.raises(input_pipeline.UnknownTaskError) as err:
+    input_pipeline.lookup_task("movielens_100k.gender_m_to_g")
   assert "movielens_100k.gender_m_to_f" in str(err.value)
-  with pytest.raises(pipeline.UnknownTaskError, match="--list"):
-    pipeline.lookup_task("nothing_like_it")
+  with pytest.raises(input_pipeline.UnknownTaskError, match="--list"):
+    input_pipeline.lookup_task("nothing_like_it")

@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from levi_jax.data import datasets, pipeline, shifts, synthetic
+from levi_jax import input_pipeline
+from levi_jax.data import datasets, prepare, shifts, synthetic
 from levi_jax.data.shifts import Clause, Shift
 
 SMALL = dict(num_users=150, num_items=90, ratings_per_user=14, pretrain_num_users=40,
@@ -35,10 +36,10 @@ def test_at_least_twenty_shifts_covering_all_kinds():
 
 
 def test_every_task_splits_disjoint_sized_and_leak_free(world):
-  names = pipeline.task_names()
+  names = input_pipeline.task_names()
   assert len(names) > 40
   for name in names:
-    task = pipeline.prepare(name, world)
+    task = input_pipeline.prepare(name, world)
     t, s, sp = task.table, task.shift, task.splits
     assert list(sp) == list(s.splits), name
     for split in sp:
@@ -61,21 +62,21 @@ def test_every_task_splits_disjoint_sized_and_leak_free(world):
 
 
 def test_splits_are_deterministic_across_loads(world, tmp_path):
-  a = pipeline.prepare("movielens_1m.time_later", world).splits
+  a = input_pipeline.prepare("movielens_1m.time_later", world).splits
   # The same world written again elsewhere gives the same splits.
   other = str(tmp_path / "again")
   synthetic.write_world(other, seed=1, **SMALL)
-  b = pipeline.prepare("movielens_1m.time_later", other).splits
+  b = input_pipeline.prepare("movielens_1m.time_later", other).splits
   assert all(np.array_equal(a[k], b[k]) for k in a)
   # A different split seed gives a different partition of the same population.
   t = datasets.load_table("movielens_1m", world)
-  c = shifts.split_rows(t, pipeline.lookup_task("movielens_1m.time_later")[1], seed=7)
+  c = shifts.split_rows(t, input_pipeline.lookup_task("movielens_1m.time_later")[1], seed=7)
   assert np.array_equal(c["ood_test"], a["ood_test"]) and not np.array_equal(c["train"], a["train"])
 
 
 def test_same_world_in_both_movielens_formats_gives_same_splits(world):
-  a = pipeline.prepare("movielens_100k.gender_m_to_f", world)
-  b = pipeline.prepare("movielens_1m.gender_m_to_f", world)
+  a = input_pipeline.prepare("movielens_100k.gender_m_to_f", world)
+  b = input_pipeline.prepare("movielens_1m.gender_m_to_f", world)
   assert all(np.array_equal(a.splits[k], b.splits[k]) for k in a.splits)
   assert a.table.num_rows == b.table.num_rows
 
@@ -116,7 +117,7 @@ def test_bad_declarations_fail_loudly(world):
 
 
 def test_feature_vocab_from_train_split_with_oov_for_unseen(world):
-  task = pipeline.prepare("movielens_100k.gender_m_to_f", world)
+  task = input_pipeline.prepare("movielens_100k.gender_m_to_f", world)
   specs = {f.name: f for f in task.feature_specs}
   train = task.feature_ids(task.splits["train"])
   ood = task.feature_ids(task.splits["ood_test"])
@@ -136,7 +137,7 @@ def test_feature_vocab_from_train_split_with_oov_for_unseen(world):
 def test_default_world_is_the_embedded_default(tmp_path, monkeypatch):
   monkeypatch.setenv("LEVI_CACHE_DIR", str(tmp_path))
   monkeypatch.delenv("LEVI_DATA_DIR", raising=False)
-  t = datasets.load_table("movielens_100k")
+  t = datasets.load_table("movielens_100k", prepare.resolve_data_dir(None))
   assert t.source == os.path.join(synthetic.default_world_dir(), "ml-100k")
   assert t.source.startswith(str(tmp_path))
   assert t.num_users == synthetic.WorldConfig().num_users

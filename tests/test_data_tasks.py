@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from levi_jax.data import pipeline, spm, synthetic
+from levi_jax import input_pipeline
+from levi_jax.data import spm, synthetic, tokens
 from levi_jax.models.task_net import validate_features
 
 SMALL = dict(num_users=120, num_items=80, ratings_per_user=12, pretrain_num_users=40,
@@ -48,7 +49,7 @@ def _collect(ds):
 def test_task_batches_have_the_model_shapes_and_dtypes(tasks, world):
   ds = tasks.get_dataset(TASK, "train", inputs_length=48, batch_size=16)
   batch = next(ds.as_numpy_iterator())
-  specs = pipeline.feature_specs(TASK, world)
+  specs = input_pipeline.feature_specs(TASK, world)
   assert batch["inputs"].shape == (16, 48) and batch["inputs"].dtype == np.int32
   assert batch["targets"].shape == (16,) and batch["targets"].dtype == np.float32
   assert set(batch) == {"inputs", "targets", *(f.name for f in specs)}
@@ -62,7 +63,7 @@ def test_task_batches_have_the_model_shapes_and_dtypes(tasks, world):
                                                              "validation")])
 def test_seqio_and_numpy_paths_give_identical_examples(tasks, world, task, split):
   via_seqio = _collect(tasks.get_dataset(task, split, inputs_length=24))
-  via_numpy = pipeline.load_split_arrays(task, split, data_dir=world, inputs_length=24)
+  via_numpy = input_pipeline.load_split_arrays(task, split, data_dir=world, inputs_length=24)
   assert set(via_seqio) == set(via_numpy)
   for k in via_numpy:
     assert via_seqio[k].dtype == via_numpy[k].dtype, k
@@ -73,6 +74,23 @@ def test_seqio_and_numpy_paths_give_identical_examples(tasks, world, task, split
   assert np.all(inputs[np.arange(len(inputs)), lengths - 1] == 1)
   assert lengths.max() == 24
   assert not via_numpy["inputs"].flags.writeable
+
+
+def test_task_preprocessor_gives_the_array_path_ids(tasks, world):
+  """The Task's `inputs` are `tokens.encode`'s ids, with and without a length."""
+  import seqio
+  import tensorflow as tf
+
+  features = seqio.get_mixture_or_task(TASK).output_features
+  vocab = features["inputs"].vocabulary.sentencepiece_model_file
+  texts = input_pipeline.prepare(TASK, world).source_arrays("train", np.arange(5))["inputs"]
+  ds = tf.data.Dataset.from_tensor_slices({"inputs": texts})
+  for length in (None, 8):
+    lengths = None if length is None else {"inputs": length}
+    got = [ex["inputs"].tolist()
+           for ex in tasks.tokenize_inputs(ds, features, lengths).as_numpy_iterator()]
+    assert got == tokens.encode(texts, vocab, length)
+  assert max(len(ids) for ids in tokens.encode(texts, vocab)) > 8
 
 
 def test_host_shards_partition_the_split_deterministically(tasks):
@@ -96,18 +114,18 @@ def test_numpy_shards_are_seqios_shards(tasks, world):
   """`load_split_arrays(shard=...)`: the rows seqio yields for that ShardInfo."""
   import seqio
 
-  full = pipeline.load_split_arrays(TASK, "train", data_dir=world, inputs_length=24)
+  full = input_pipeline.load_split_arrays(TASK, "train", data_dir=world, inputs_length=24)
   for index in range(3):
     via_seqio = _collect(tasks.get_dataset(TASK, "train", inputs_length=24,
                                            shard_info=seqio.ShardInfo(index, 3)))
-    mine = pipeline.load_split_arrays(TASK, "train", data_dir=world, inputs_length=24,
-                                      shard=(index, 3))
+    mine = input_pipeline.load_split_arrays(TASK, "train", data_dir=world, inputs_length=24,
+                                            shard=(index, 3))
     assert set(mine) == set(via_seqio)
     for k in mine:
       np.testing.assert_array_equal(mine[k], via_seqio[k], err_msg=k)
       np.testing.assert_array_equal(mine[k], full[k][index::3], err_msg=k)
   with pytest.raises(ValueError, match="shard index 3 is out of range for 3 shards"):
-    pipeline.load_split_arrays(TASK, "train", data_dir=world, inputs_length=24, shard=(3, 3))
+    input_pipeline.load_split_arrays(TASK, "train", data_dir=world, inputs_length=24, shard=(3, 3))
 
 
 def test_registration_is_idempotent_and_rebinds_the_data_dir(tasks, world, tmp_path):
@@ -115,19 +133,22 @@ def test_registration_is_idempotent_and_rebinds_the_data_dir(tasks, world, tmp_p
 
   names = tasks.register_tasks(data_dir=world)
   assert tasks.register_tasks(data_dir=world) == names
-  assert len(names) == len(pipeline.task_names()) and set(names) <= set(seqio.TaskRegistry.names())
+  assert len(names) == len(input_pipeline.task_names())
+  assert set(names) <= set(seqio.TaskRegistry.names())
   other = str(tmp_path / "other")
   synthetic.write_world(other, seed=9, **SMALL)
   tasks.register_tasks(data_dir=other)
   try:
     n_other = len(_collect(tasks.get_dataset(TASK, "id_test"))["targets"])
-    assert n_other == len(pipeline.load_split_arrays(TASK, "id_test", data_dir=other)["targets"])
+    other_split = input_pipeline.load_split_arrays(TASK, "id_test", data_dir=other)
+    assert n_other == len(other_split["targets"])
   finally:
     tasks.register_tasks(data_dir=world)
   n_world = len(_collect(tasks.get_dataset(TASK, "id_test"))["targets"])
-  assert n_world == len(pipeline.load_split_arrays(TASK, "id_test", data_dir=world)["targets"])
+  world_split = input_pipeline.load_split_arrays(TASK, "id_test", data_dir=world)
+  assert n_world == len(world_split["targets"])
   assert n_world != n_other
-  with pytest.raises(pipeline.UnknownTaskError, match="close matches"):
+  with pytest.raises(input_pipeline.UnknownTaskError, match="close matches"):
     tasks.get_dataset("movielens_100k.gender_m_to_ff", "train")
 
 
@@ -135,7 +156,7 @@ def test_pretrain_corpus_task(tasks, world):
   ds = tasks.get_dataset("pretrain_corpus.all", "train", inputs_length=32, batch_size=4)
   assert next(ds.as_numpy_iterator())["inputs"].shape == (4, 32)
   with pytest.raises(ValueError, match="ood_test"):
-    pipeline.load_split_arrays("pretrain_corpus.all", "ood_test", data_dir=world)
+    input_pipeline.load_split_arrays("pretrain_corpus.all", "ood_test", data_dir=world)
 
 
 def test_vocabulary_shipped_with_world_and_trained_for_raw_dirs(tasks, world, tmp_path):
@@ -144,7 +165,7 @@ def test_vocabulary_shipped_with_world_and_trained_for_raw_dirs(tasks, world, tm
   vocab = seqio.get_mixture_or_task(TASK).output_features["inputs"].vocabulary
   assert vocab.sentencepiece_model_file == os.path.join(world, "spm.model")
   assert vocab.eos_id == 1 and vocab.vocab_size <= SMALL["vocab_size"]
-  assert vocab.vocab_size == pipeline.vocabulary_size(vocab.sentencepiece_model_file)
+  assert vocab.vocab_size == input_pipeline.vocabulary_size(vocab.sentencepiece_model_file)
   other = seqio.get_mixture_or_task("movielens_1m.time_later").output_features["inputs"]
   assert other.vocabulary == vocab, "tasks of one world share a vocabulary (mixable)"
   assert pickle.loads(pickle.dumps(vocab)) == vocab
@@ -153,15 +174,15 @@ def test_vocabulary_shipped_with_world_and_trained_for_raw_dirs(tasks, world, tm
   os.makedirs(raw)
   for f in ("u.data", "u.user", "u.item"):
     os.symlink(os.path.join(world, "ml-100k", f), raw / f)
-  path = pipeline.vocabulary_path(TASK, str(raw))
+  path = input_pipeline.vocabulary_path(TASK, str(raw))
   assert path.startswith(str(tmp_path / "cache" / "spm"))
   with open(path, "rb") as f:
     first = f.read()
   os.remove(path)
-  assert pipeline.vocabulary_path(TASK, str(raw)) == path
+  assert input_pipeline.vocabulary_path(TASK, str(raw)) == path
   with open(path, "rb") as f:
     assert f.read() == first, "training is deterministic"
-  assert pipeline.vocabulary_path(TASK, str(raw), vocab_path="/x/t5.model") == "/x/t5.model"
+  assert input_pipeline.vocabulary_path(TASK, str(raw), vocab_path="/x/t5.model") == "/x/t5.model"
 
 
 def test_spm_defaults_follow_t5_ids():
@@ -181,10 +202,10 @@ def test_inspect_cli(world, capsys):
 
   assert inspect.main(["--list"]) == 0
   out = capsys.readouterr().out
-  assert TASK in out and f"{len(pipeline.task_names())} tasks" in out
+  assert TASK in out and f"{len(input_pipeline.task_names())} tasks" in out
   assert inspect.main(["--task", TASK, "--data_dir", world, "--inputs_length", "40"]) == 0
   out = capsys.readouterr().out
-  task = pipeline.prepare(TASK, world)
+  task = input_pipeline.prepare(TASK, world)
   for split, rows in task.splits.items():
     r = task.table.rows["rating"][rows]
     assert f"{len(rows):>9}" in out and f"{r.mean():>8.3f}{r.std():>7.3f}" in out, split
@@ -196,7 +217,6 @@ def test_inspect_cli(world, capsys):
 
 
 def test_inspect_shows_what_the_minilm_backbone_reads(world, capsys):
-  from levi_jax.checkpoints.wordpiece import WordPieceVocabulary
   from levi_jax.data import inspect
 
   vocab_file = inspect.backbone_vocab_path("minilm")
@@ -204,8 +224,8 @@ def test_inspect_shows_what_the_minilm_backbone_reads(world, capsys):
   out = capsys.readouterr().out
   assert f"{vocab_file} (WordPiece, 30522 pieces)" in out and out.count("targets=") == 3
   # The first example is the first training row's text, lower-cased WordPieces.
-  text = pipeline.prepare(TASK, world).source_arrays("train", [0])["inputs"][0]
-  ids = WordPieceVocabulary(vocab_file).encode_padded([text], pipeline.DEFAULT_INPUTS_LENGTH)
+  text = input_pipeline.prepare(TASK, world).source_arrays("train", [0])["inputs"][0]
+  ids = tokens.tokenize([text], vocab_file, input_pipeline.DEFAULT_INPUTS_LENGTH)
   assert f"[0] inputs ({int((ids > 0).sum())} tokens)" in out
   assert text.lower().split()[0].rstrip(":") in out and "user: " not in out
   assert inspect.main(["--task", TASK, "--data_dir", world, "--backbone", "/nonexistent"]) == 1
@@ -214,8 +234,8 @@ def test_inspect_shows_what_the_minilm_backbone_reads(world, capsys):
 
 def test_models_and_numpy_path_do_not_import_tensorflow(world):
   code = ("import sys; import levi_jax.models, levi_jax.data\n"
-          "from levi_jax.data import pipeline\n"
-          f"a = pipeline.load_split_arrays({TASK!r}, 'train', data_dir={world!r})\n"
+          "from levi_jax import input_pipeline\n"
+          f"a = input_pipeline.load_split_arrays({TASK!r}, 'train', data_dir={world!r})\n"
           "assert a['inputs'].shape[1] == 64\n"
           "bad = [m for m in ('tensorflow', 'seqio', 'tensorflow_datasets') if m in sys.modules]\n"
           "assert not bad, bad\n")

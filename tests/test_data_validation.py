@@ -10,7 +10,7 @@ import time
 import pytest
 
 from levi_jax.data import datasets, formats
-from levi_jax.data.report import MalformedDataError
+from levi_jax.data.load_report import MalformedDataError
 from test_data_formats import _flags, _gz, write_amazon_2018, write_ml100k, write_ml1m
 
 
@@ -228,9 +228,9 @@ def test_duplicated_reviews_across_amazon_files_name_both(tmp_path):
 
 
 def test_duplicates_policy_reaches_tasks_and_the_trainer_config(monkeypatch):
-  """The policy goes from DataConfig / the seqio Tasks through pipeline.prepare to load_table."""
+  """The policy goes from DataConfig / the seqio Tasks through `prepare` to load_table."""
   from levi_jax import trainer
-  from levi_jax.data import pipeline
+  from levi_jax import input_pipeline
   from levi_jax.input_pipeline import load_task_data
   seen = []
   real = datasets.load_table
@@ -245,7 +245,7 @@ def test_duplicates_policy_reaches_tasks_and_the_trainer_config(monkeypatch):
   data = load_task_data(trainer.DataConfig(task=task, seq_length=16, duplicates="drop"))
   assert seen and set(seen) == {"drop"} and len(data.train["targets"]) > 0
   seen.clear()
-  pipeline.load_split_arrays(task, "id_test", inputs_length=16, duplicates="error")
+  input_pipeline.load_split_arrays(task, "id_test", inputs_length=16, duplicates="error")
   assert set(seen) == {"error"}  # the synthetic world has no duplicates: nothing raised
   from levi_jax.data import tasks
   seen.clear()

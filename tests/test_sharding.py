@@ -17,7 +17,8 @@ import pytest
 
 import sharding_worker as worker
 from levi_jax import partitioning
-from levi_jax.data import pipeline, synthetic
+from levi_jax import input_pipeline
+from levi_jax.data import synthetic
 
 WORKER = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
 TIMEOUT_S = 300
@@ -58,7 +59,7 @@ def workers(tmp_path_factory):
   world = str(tmp_path_factory.mktemp("world"))
   synthetic.write_world(world, num_users=80, num_items=40, pretrain_num_users=20,
                         pretrain_num_items=20, formats=("ml-100k",))
-  pipeline.vocabulary_path(worker.TRAINER_TASK, world)  # trained once, before the processes
+  input_pipeline.vocabulary_path(worker.TRAINER_TASK, world)  # trained once, before the processes
   port = _free_port()
   procs = {name: _spawn(["meshes", str(mesh_dir), "--method", name], devices=8)
            for name in worker.METHODS}

@@ -28,7 +28,7 @@ from flax import traverse_util  # noqa: E402
 
 from levi_jax import methods, optim, step as step_lib, trainer  # noqa: E402
 from levi_jax.checkpoints import t5x as t5x_ckpt  # noqa: E402
-from levi_jax.data import pipeline  # noqa: E402
+from levi_jax import input_pipeline  # noqa: E402
 from levi_jax.t5x import GIN_DIR, backbone as levi_backbone  # noqa: E402
 from levi_jax.t5x import models as levi_t5x  # noqa: E402
 
@@ -110,8 +110,8 @@ def test_t5x_train_fine_tunes_levi_with_our_gin_files(t5x_run, exported):
 
 def _our_rmse(model, params, split, inputs_length=48):
   """RMSE of `params` on `split` through levi_jax's own eval step (as levi_jax.eval)."""
-  arrays = pipeline.load_split_arrays(TASK, split, inputs_length=inputs_length,
-                                      vocab_path=model.vocabulary_path)
+  arrays = input_pipeline.load_split_arrays(TASK, split, inputs_length=inputs_length,
+                                            vocab_path=model.vocabulary_path)
   eval_step = jax.jit(step_lib.make_eval_step(model.method, step_lib.LossConfig()))
   sums = {}
   n = len(arrays["targets"])
@@ -137,7 +137,7 @@ def test_t5x_eval_gives_the_rmse_of_our_eval(t5x_run, exported, tmp_path):
   params = traverse_util.unflatten_dict({k[len("target/"):]: v for k, v in flat.items()},
                                         sep="/")
   ours = _our_rmse(model, params, "ood_test")
-  assert ours["count"] == len(pipeline.prepare(TASK).rows("ood_test"))
+  assert ours["count"] == len(input_pipeline.prepare(TASK).rows("ood_test"))
   assert abs(t5x_metrics["rmse"] - ours["rmse"]) <= 1e-5 * ours["rmse"], (t5x_metrics, ours)
   assert abs(t5x_metrics["mae"] - ours["mae"]) <= 1e-5 * ours["mae"], (t5x_metrics, ours)
 
@@ -154,8 +154,8 @@ def _demo_model(initial_checkpoint, method="levi", lr=2e-3, total_steps=STEPS):
 
 
 def _batches(model, n, size=32):
-  arrays = pipeline.load_split_arrays(TASK, "train", inputs_length=48,
-                                      vocab_path=model.vocabulary_path)
+  arrays = input_pipeline.load_split_arrays(TASK, "train", inputs_length=48,
+                                            vocab_path=model.vocabulary_path)
   order = np.random.default_rng(0).permutation(len(arrays["targets"]))
   return [{k: jnp.asarray(v[order[i * size:(i + 1) * size]]) for k, v in arrays.items()}
           for i in range(n)]
@@ -268,7 +268,7 @@ def test_t5x_written_encoder_decoder_restores_into_levi(tmp_path):
   """T5X's own trainer writes a tiny T5 1.1 (2 steps); the assignment map restores its
   encoder into LEVI's backbone: encoder arrays equal, decoder absent, LEVI's own fresh."""
   (tmp_path / "toy_tasks.py").write_text(TOY_TASKS)
-  spm = pipeline.vocabulary_path(TASK)
+  spm = input_pipeline.vocabulary_path(TASK)
   model_dir = str(tmp_path / "t5x_tiny")
   _run("t5x.train", [
       "--gin_file=t5x/examples/t5/t5_1_1/tiny.gin", "--gin_file=t5x/configs/runs/pretrain.gin",
@@ -329,8 +329,8 @@ def test_t5x_reads_our_tasks_as_our_trainer_does(exported):
     for k, v in batch.items():
       got.setdefault(k, []).append(v)
   got = {k: np.concatenate(v) for k, v in got.items()}
-  mine = pipeline.load_split_arrays(TASK, "validation", inputs_length=48,
-                                    vocab_path=model.vocabulary_path, shard=(1, 2))
+  mine = input_pipeline.load_split_arrays(TASK, "validation", inputs_length=48,
+                                          vocab_path=model.vocabulary_path, shard=(1, 2))
   n = len(got["targets"])  # T5X drops the last partial batch
   assert set(got) == set(mine) and n == len(mine["targets"]) // 16 * 16 > 0
   for k in mine:
@@ -343,7 +343,7 @@ PAPER_FILES_CHECK = textwrap.dedent('''
     import t5x.train as t5x_train
     sys.modules["__main__"] = t5x_train  # T5X's run files configure `__main__.train`
     from t5x import gin_utils
-    from levi_jax.data import pipeline
+    from levi_jax import input_pipeline
     gin_dir, t5x_root, spm = sys.argv[1:4]
     for size, emb in (("small", 512), ("base", 768), ("large", 1024)):
       gin.clear_config()
@@ -365,7 +365,7 @@ def test_paper_run_files_build_their_models():
   (with a local vocabulary standing in for T5's on Cloud Storage)."""
   import t5x
   t5x_root = os.path.dirname(os.path.dirname(os.path.abspath(t5x.__file__)))
-  spm = pipeline.vocabulary_path("movielens_1m.gender_m_to_f")
+  spm = input_pipeline.vocabulary_path("movielens_1m.gender_m_to_f")
   proc = subprocess.run([sys.executable, "-c", PAPER_FILES_CHECK, GIN_DIR, t5x_root, spm],
                         capture_output=True, text=True, timeout=300,
                         env=dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3"))

@@ -304,10 +304,11 @@ def test_pretrained_minilm_backbone_trains_frozen(tmp_path):
 
 def test_wordpiece_batch_encoding_matches_seqio_encode():
   from levi_jax.checkpoints import backbones
+  from levi_jax.data import tokens
   vocab = backbones.load_pretrained(backbones.PretrainedConfig()).vocabulary()
   texts = ["user: 25-34, female, programmer. movie: Toy Story (1995).",
            "Señor Déjà Vu (1998). genres: comedy, crime"]
-  got = vocab.encode_padded(texts, 12)
+  got = tokens.tokenize(texts, vocab.vocab_file, 12)
   for row, text in zip(got, texts):
     ids = vocab.encode(text)
     want = (ids[:11] + [vocab.eos_id]) if len(ids) >= 12 else ids + [vocab.eos_id]

@@ -7,7 +7,7 @@ with a `CheckpointMismatchError` that lists every difference.
 * `t5x`: `load_t5x` / `read_t5x` / `save_t5x` (T5X legacy and orbax formats).
 * `hf`: `load_hf_t5`, `load_hf_bert`, `hf_t5_encoder`, `hf_bert_encoder`.
 * `backbones`: `PretrainedConfig` -> `load_pretrained` (incl. all-MiniLM-L6-v2).
-* `wordpiece`: `WordPieceVocabulary`, a seqio Vocabulary (imports TensorFlow).
+* `levi_jax.data.wordpiece`: `WordPieceVocabulary`, the BERT vocabulary (imports TensorFlow).
 """
 
 from levi_jax.checkpoints.common import CheckpointMismatchError, abstract_params, merge_params

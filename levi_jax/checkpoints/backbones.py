@@ -103,7 +103,7 @@ class Pretrained:
     if self.vocabulary_file is None:
       raise ValueError(f"no vocabulary file known for {self.source}")
     if self.vocabulary_file.endswith(".txt"):
-      from levi_jax.checkpoints.wordpiece import WordPieceVocabulary
+      from levi_jax.data.wordpiece import WordPieceVocabulary
       return WordPieceVocabulary(self.vocabulary_file)
     from levi_jax import quiet
     quiet.import_tensorflow()

@@ -217,7 +217,9 @@ def load_table(dataset: str, data_dir: str | None = None,
 
   Args:
     dataset: a key of `DATASETS`.
-    data_dir: raw files, `tfds[:DIR]`, or None (`LEVI_DATA_DIR` or the synthetic world).
+    data_dir: raw files, `tfds[:DIR]`, or None for `LEVI_DATA_DIR` (the
+      synthetic world, the default of tasks, is
+      `levi_jax.data.prepare.resolve_data_dir(None)`).
     max_bad_fraction: malformed-row tolerance per file.
     duplicates: rating rows repeating an earlier (user, item, timestamp): 'keep'
       (counted, a warning), 'drop' (the first of each kept) or 'error'. Raw files
@@ -225,6 +227,7 @@ def load_table(dataset: str, data_dir: str | None = None,
 
   Raises:
     MissingFilesError: no such files (the message lists the files expected).
+    ValueError: no `data_dir` and no `LEVI_DATA_DIR`.
     MalformedDataError: a file has more malformed rows than `max_bad_fraction`,
       is in another encoding than the dataset declares, or has duplicates with
       `duplicates='error'`.
@@ -233,7 +236,10 @@ def load_table(dataset: str, data_dir: str | None = None,
   if duplicates not in formats.DUPLICATE_POLICIES:
     raise ValueError(f"duplicates must be one of {formats.DUPLICATE_POLICIES}, got "
                      f"{duplicates!r}")
-  resolved = paths.resolve_data_dir(data_dir)
+  resolved = paths.explicit_data_dir(data_dir)
+  if resolved is None:
+    raise ValueError(f"load_table({dataset!r}): no data_dir and no ${paths.DATA_DIR_ENV}; "
+                     "levi_jax.data.prepare.resolve_data_dir(None) names the default world")
   return _load_table(spec.name, resolved, _fingerprint(spec.name, resolved), max_bad_fraction,
                      duplicates)
 

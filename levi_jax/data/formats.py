@@ -25,7 +25,7 @@ the rating being predicted.
 Rows that cannot be used (wrong field count, unparseable or out-of-range
 numbers, unknown user/item ids, invalid JSON, missing required fields, a
 timestamp before the dataset's first year or in the future) are counted per
-file (`levi_jax.data.report`); blank lines are not rows.
+file (`levi_jax.data.load_report`); blank lines are not rows.
 
 Each format declares its encoding (MovieLens Latin-1, Amazon UTF-8) and rows
 are decoded strictly by it. A row that does not decode is malformed, and so is
@@ -37,6 +37,8 @@ all UTF-8 is UTF-8-encoded as a whole: `MalformedDataError`, whatever the
 tolerance. The real MovieLens 100K `u.item` has 9 non-ASCII rows (Latin-1
 bytes such as 0xE9) in 1682, so re-encoded as UTF-8 it would fall within a
 per-row tolerance of 1%.
+
+File names, columns and value sets are declared in `levi_jax.data.schema`.
 
 Rating rows repeating an earlier row's (user, item, timestamp) are counted per
 file; `duplicates` says what to do with them: 'keep' (the default; a
@@ -58,63 +60,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from levi_jax.data.report import (FileReport, LoadReport, MalformedDataError,
-                                  missing_files_error)
+from levi_jax.data import schema
+from levi_jax.data.load_report import (FileReport, LoadReport, MalformedDataError,
+                                       missing_files_error)
 from levi_jax.data.table import RatingsTable, build_table
 
-# TFDS's label set for MovieLens genres (`movielens.py`).
-GENRES = ("Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary",
-          "Drama", "Fantasy", "Film-Noir", "Horror", "IMAX", "Musical", "Mystery", "Romance",
-          "Sci-Fi", "Thriller", "Unknown", "War", "Western", "(no genres listed)")
-# u.item's 19 genre flags, in file order ("Children's" as TFDS spells it: "Children").
-ML100K_GENRE_FLAGS = ("Unknown", "Action", "Adventure", "Animation", "Children", "Comedy",
-                      "Crime", "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror",
-                      "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
-# TFDS's occupation labels, consistent across 100K and 1M.
-OCCUPATION_LABELS = (
-    "academic/educator", "artist", "clerical/admin", "customer service", "doctor/health care",
-    "entertainment", "executive/managerial", "farmer", "homemaker", "lawyer", "librarian",
-    "other/not specified", "programmer", "retired", "sales/marketing", "scientist",
-    "self-employed", "student", "technician/engineer", "tradesman/craftsman", "unemployed",
-    "writer")
-ML100K_OCCUPATIONS = {
-    "administrator": "clerical/admin", "artist": "artist", "doctor": "doctor/health care",
-    "educator": "academic/educator", "engineer": "technician/engineer",
-    "entertainment": "entertainment", "executive": "executive/managerial",
-    "healthcare": "doctor/health care", "homemaker": "homemaker", "lawyer": "lawyer",
-    "librarian": "librarian", "marketing": "sales/marketing", "none": "other/not specified",
-    "other": "other/not specified", "programmer": "programmer", "retired": "retired",
-    "salesman": "sales/marketing", "scientist": "scientist", "student": "student",
-    "technician": "technician/engineer", "writer": "writer"}
-ML1M_OCCUPATIONS = (
-    "other/not specified", "academic/educator", "artist", "clerical/admin",
-    "college/grad student", "customer service", "doctor/health care", "executive/managerial",
-    "farmer", "homemaker", "K-12 student", "lawyer", "programmer", "retired", "sales/marketing",
-    "scientist", "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed",
-    "writer")
-AGE_BUCKETS = (1, 18, 25, 35, 45, 50, 56)
-
-ML_USER_COLUMNS = {"user_gender": "bool", "bucketized_user_age": "float32",
-                   "user_occupation_label": "str", "user_occupation_text": "str",
-                   "user_zip_code": "str"}
-ML100K_USER_COLUMNS = {**ML_USER_COLUMNS, "raw_user_age": "float32"}
-ML_ITEM_COLUMNS = {"movie_title": "str", "movie_genres": "bag"}
-AMAZON_ITEM_COLUMNS = {"item_title": "str", "item_category": "str", "item_subcategories": "bag",
-                       "item_brand": "str", "item_price": "float64"}
-AMAZON_US_ITEM_COLUMNS = {"item_title": "str", "item_category": "str"}
-
-ML100K_FILES = ("u.data", "u.user", "u.item")
-ML1M_FILES = ("ratings.dat", "users.dat", "movies.dat")
-# Category names are capitalized in the published files ("Books", "AMAZON_FASHION").
-AMAZON_REVIEWS_RE = re.compile(
-    r"^(?!meta_)(?:reviews_)?(?P<cat>[A-Z][\w,&-]*?)(?:_5)?\.json(?:\.gz)?$")
-AMAZON_META_RE = re.compile(r"^meta_(?P<cat>.+?)\.json(?:\.gz)?$")
-AMAZON_TSV_RE = re.compile(r"^amazon_reviews_(?:us_)?(?P<cat>.+?)(?:_v\d+_\d+)?\.tsv(?:\.gz)?$")
-AMAZON_TSV_REQUIRED = ("customer_id", "product_id", "star_rating", "review_date")
-
-# The encodings the publishers declare.
-MOVIELENS_ENCODING = "latin-1"
-AMAZON_ENCODING = "utf-8"
 # The year of each dataset's first rating; earlier timestamps are malformed rows.
 # MovieLens began in 1997 (100K: Sep 1997 - Apr 1998). The 1M ratings were made
 # from 2000 on, but the synthetic world writes its 1M-format files over the 100K
@@ -359,7 +309,7 @@ def _parse_file(path: str, report: LoadReport, encoding: str,
 def _ratings_file(path: str, report: LoadReport, sep: str, users: dict, items: dict,
                   out: _Ratings) -> None:
   rep = report.new_file(path)
-  for n, text in _rows(path, rep, MOVIELENS_ENCODING):
+  for n, text in _rows(path, rep, schema.MOVIELENS_ENCODING):
     try:
       u, i, r, t = _fields(text, sep, 4, "rating")
       if u not in users:
@@ -374,7 +324,7 @@ def _ratings_file(path: str, report: LoadReport, sep: str, users: dict, items: d
 def bucketize_age(age: int) -> int:
   """TFDS's 100K age bucketing: the largest bucket start <= age (1 below 18)."""
   bucket = 1
-  for b in AGE_BUCKETS[1:]:
+  for b in schema.AGE_BUCKETS[1:]:
     if age >= b:
       bucket = b
   return bucket
@@ -402,7 +352,7 @@ def parse_movielens_100k(data_dir: str, dataset: str = "movielens_100k",
     first_year: earlier rating timestamps are malformed rows.
     duplicates: 'keep', 'drop' or 'error' for repeated (user, item, timestamp) rows.
   """
-  d = find_dir(dataset, data_dir, subdir, ML100K_FILES,
+  d = find_dir(dataset, data_dir, subdir, schema.ML100K_FILES,
                "MovieLens 100K: u.data (user\\titem\\trating\\ttimestamp), u.user "
                "(id|age|gender|occupation|zip), u.item (id|title|release|video release|url|"
                "19 genre flags), Latin-1.")
@@ -415,26 +365,27 @@ def parse_movielens_100k(data_dir: str, dataset: str = "movielens_100k",
     age_i = _int(age, "age")
     if gender not in ("M", "F"):
       raise _BadRow(f"gender {gender!r} is not M or F")
-    if occ not in ML100K_OCCUPATIONS:
+    if occ not in schema.ML100K_OCCUPATIONS:
       raise _BadRow(f"unknown occupation {occ!r}")
     users[uid] = {"user_gender": gender == "M", "bucketized_user_age": bucketize_age(age_i),
-                  "raw_user_age": age_i, "user_occupation_label": ML100K_OCCUPATIONS[occ],
+                  "raw_user_age": age_i, "user_occupation_label": schema.ML100K_OCCUPATIONS[occ],
                   "user_occupation_text": occ, "user_zip_code": zip_code}
 
   def item_row(text: str) -> None:
-    parts = _fields(text, "|", 5 + len(ML100K_GENRE_FLAGS), "u.item")
+    parts = _fields(text, "|", 5 + len(schema.ML100K_GENRE_FLAGS), "u.item")
     flags = parts[5:]
     if any(f not in ("0", "1") for f in flags):
       raise _BadRow("genre flags must be 0 or 1")
     items[parts[0]] = {"movie_title": parts[1],
-                       "movie_genres": [g for g, f in zip(ML100K_GENRE_FLAGS, flags) if f == "1"]}
+                       "movie_genres": [g for g, f in zip(schema.ML100K_GENRE_FLAGS, flags)
+                                        if f == "1"]}
 
   out = _Ratings(first_year, duplicates)
-  _parse_file(os.path.join(d, "u.user"), report, MOVIELENS_ENCODING, user_row)
-  _parse_file(os.path.join(d, "u.item"), report, MOVIELENS_ENCODING, item_row)
+  _parse_file(os.path.join(d, "u.user"), report, schema.MOVIELENS_ENCODING, user_row)
+  _parse_file(os.path.join(d, "u.item"), report, schema.MOVIELENS_ENCODING, item_row)
   _ratings_file(os.path.join(d, "u.data"), report, "\t", users, items, out)
   return build_table(dataset, d, **out.columns(), user_attrs=users, item_attrs=items,
-                     user_columns=ML100K_USER_COLUMNS, item_columns=ML_ITEM_COLUMNS,
+                     user_columns=schema.ML100K_USER_COLUMNS, item_columns=schema.ML_ITEM_COLUMNS,
                      report=report)
 
 
@@ -445,7 +396,7 @@ def parse_movielens_1m(data_dir: str, dataset: str = "movielens_1m",
 
   Args are those of `parse_movielens_100k`.
   """
-  d = find_dir(dataset, data_dir, subdir, ML1M_FILES,
+  d = find_dir(dataset, data_dir, subdir, schema.ML1M_FILES,
                "MovieLens 1M: ratings.dat (UserID::MovieID::Rating::Timestamp), users.dat "
                "(UserID::Gender::Age::Occupation::Zip-code), movies.dat "
                "(MovieID::Title::Genres), Latin-1.")
@@ -458,12 +409,12 @@ def parse_movielens_1m(data_dir: str, dataset: str = "movielens_1m",
     if gender not in ("M", "F"):
       raise _BadRow(f"gender {gender!r} is not M or F")
     age_i = _int(age, "age")
-    if age_i not in AGE_BUCKETS:
-      raise _BadRow(f"age {age_i} is not one of the 1M age codes {AGE_BUCKETS}")
+    if age_i not in schema.AGE_BUCKETS:
+      raise _BadRow(f"age {age_i} is not one of the 1M age codes {schema.AGE_BUCKETS}")
     occ_i = _int(occ, "occupation")
-    if not 0 <= occ_i < len(ML1M_OCCUPATIONS):
-      raise _BadRow(f"occupation code {occ_i} outside [0, {len(ML1M_OCCUPATIONS)})")
-    text_occ = ML1M_OCCUPATIONS[occ_i]
+    if not 0 <= occ_i < len(schema.ML1M_OCCUPATIONS):
+      raise _BadRow(f"occupation code {occ_i} outside [0, {len(schema.ML1M_OCCUPATIONS)})")
+    text_occ = schema.ML1M_OCCUPATIONS[occ_i]
     label = "student" if text_occ in ("K-12 student", "college/grad student") else text_occ
     users[uid] = {"user_gender": gender == "M", "bucketized_user_age": age_i,
                   "user_occupation_label": label, "user_occupation_text": text_occ,
@@ -472,17 +423,18 @@ def parse_movielens_1m(data_dir: str, dataset: str = "movielens_1m",
   def item_row(text: str) -> None:
     mid, title, genres = _fields(text, "::", 3, "movies.dat")
     names = ["Children" if g == "Children's" else g for g in genres.split("|")]
-    unknown = [g for g in names if g not in GENRES]
+    unknown = [g for g in names if g not in schema.GENRES]
     if unknown:
       raise _BadRow(f"unknown genres {unknown}")
     items[mid] = {"movie_title": title, "movie_genres": names}
 
   out = _Ratings(first_year, duplicates)
-  _parse_file(os.path.join(d, "users.dat"), report, MOVIELENS_ENCODING, user_row)
-  _parse_file(os.path.join(d, "movies.dat"), report, MOVIELENS_ENCODING, item_row)
+  _parse_file(os.path.join(d, "users.dat"), report, schema.MOVIELENS_ENCODING, user_row)
+  _parse_file(os.path.join(d, "movies.dat"), report, schema.MOVIELENS_ENCODING, item_row)
   _ratings_file(os.path.join(d, "ratings.dat"), report, "::", users, items, out)
   return build_table(dataset, d, **out.columns(), user_attrs=users, item_attrs=items,
-                     user_columns=ML_USER_COLUMNS, item_columns=ML_ITEM_COLUMNS, report=report)
+                     user_columns=schema.ML_USER_COLUMNS, item_columns=schema.ML_ITEM_COLUMNS,
+                     report=report)
 
 
 def parse_price(value: Any) -> float | None:
@@ -521,11 +473,11 @@ def _amazon_files(d: str) -> tuple[dict[str, str], dict[str, str]]:
     path = os.path.join(d, name)
     if not os.path.isfile(path):
       continue
-    m = AMAZON_META_RE.match(name)
+    m = schema.AMAZON_META_RE.match(name)
     if m:
       metas[m.group("cat")] = path
       continue
-    m = AMAZON_REVIEWS_RE.match(name)
+    m = schema.AMAZON_REVIEWS_RE.match(name)
     if m:
       cat = m.group("cat")
       if cat in reviews:
@@ -557,7 +509,7 @@ def parse_amazon_2018(data_dir: str, dataset: str = "amazon_2018",
   for path in sorted(metas.values()):
     rep = report.new_file(path)
     repeated = 0
-    for n, text in _rows(path, rep, AMAZON_ENCODING):
+    for n, text in _rows(path, rep, schema.AMAZON_ENCODING):
       try:
         rec = json.loads(text)
         if not isinstance(rec, dict):
@@ -584,7 +536,7 @@ def parse_amazon_2018(data_dir: str, dataset: str = "amazon_2018",
   for cat, path in sorted(reviews.items()):
     rep = report.new_file(path)
     conflicts = 0
-    for n, text in _rows(path, rep, AMAZON_ENCODING):
+    for n, text in _rows(path, rep, schema.AMAZON_ENCODING):
       try:
         try:
           rec = json.loads(text)
@@ -613,7 +565,7 @@ def parse_amazon_2018(data_dir: str, dataset: str = "amazon_2018",
   for asin, cat in item_category.items():
     items.setdefault(asin, {})["item_category"] = cat
   return build_table(dataset, d, **out.columns(), user_attrs={}, item_attrs=items,
-                     user_columns={}, item_columns=AMAZON_ITEM_COLUMNS, report=report)
+                     user_columns={}, item_columns=schema.AMAZON_ITEM_COLUMNS, report=report)
 
 
 def parse_amazon_us(data_dir: str, dataset: str = "amazon_us",
@@ -629,7 +581,7 @@ def parse_amazon_us(data_dir: str, dataset: str = "amazon_us",
   def tsv_files(c: str) -> list[str]:
     if not os.path.isdir(c):
       return []
-    return [os.path.join(c, f) for f in sorted(os.listdir(c)) if AMAZON_TSV_RE.match(f)]
+    return [os.path.join(c, f) for f in sorted(os.listdir(c)) if schema.AMAZON_TSV_RE.match(f)]
 
   d = next((c for c in candidates if tsv_files(c)), None)
   if d is None:
@@ -642,21 +594,21 @@ def parse_amazon_us(data_dir: str, dataset: str = "amazon_us",
   out = _Ratings(first_year, duplicates)
   for path in tsv_files(d):
     rep = report.new_file(path)
-    file_cat = AMAZON_TSV_RE.match(os.path.basename(path)).group("cat")
+    file_cat = schema.AMAZON_TSV_RE.match(os.path.basename(path)).group("cat")
     header: list[str] | None = None
     for n, raw in read_lines(path):
       try:
-        text = raw.decode(AMAZON_ENCODING)
+        text = raw.decode(schema.AMAZON_ENCODING)
       except UnicodeDecodeError as e:
         rep.rows += 1
-        rep.add_bad(n, f"not valid {AMAZON_ENCODING} ({e.reason})", raw.decode("latin-1"))
+        rep.add_bad(n, f"not valid {schema.AMAZON_ENCODING} ({e.reason})", raw.decode("latin-1"))
         continue
       if header is None:
         header = text.split("\t")
-        missing = [c for c in AMAZON_TSV_REQUIRED if c not in header]
+        missing = [c for c in schema.AMAZON_TSV_REQUIRED if c not in header]
         if missing:
           raise missing_files_error(dataset, [d], [f"{os.path.basename(path)} with header "
-                                                   f"columns {list(AMAZON_TSV_REQUIRED)}"],
+                                                   f"columns {list(schema.AMAZON_TSV_REQUIRED)}"],
                                     f"the header lacks {missing}: {header}")
         col = {c: k for k, c in enumerate(header)}
         continue
@@ -686,4 +638,4 @@ def parse_amazon_us(data_dir: str, dataset: str = "amazon_us",
       if item not in items:
         items[item] = {"item_title": _clean(title), "item_category": category or file_cat}
   return build_table(dataset, d, **out.columns(), user_attrs={}, item_attrs=items,
-                     user_columns={}, item_columns=AMAZON_US_ITEM_COLUMNS, report=report)
+                     user_columns={}, item_columns=schema.AMAZON_US_ITEM_COLUMNS, report=report)

@@ -20,9 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from levi_jax import quiet
-from levi_jax.data import pipeline
-from levi_jax.data.report import MalformedDataError, MissingFilesError
+from levi_jax import input_pipeline, quiet
+from levi_jax.data import tokens
 
 
 def _list() -> None:
@@ -32,10 +31,10 @@ def _list() -> None:
   from levi_jax.data import tasks  # pylint: disable=g-import-not-at-top,unused-import
 
   registered = set(seqio.TaskRegistry.names())
-  names = [n for n in pipeline.task_names() if n in registered]
+  names = [n for n in input_pipeline.task_names() if n in registered]
   width = max(len(n) for n in names)
   for n in names:
-    _, shift = pipeline.lookup_task(n)
+    _, shift = input_pipeline.lookup_task(n)
     print(f"{n:<{width}}  {shift.kind:<5} {'/'.join(shift.splits)}  {shift.description}")
   print(f"{len(names)} tasks")
 
@@ -61,15 +60,16 @@ def backbone_vocab_path(backbone: str) -> str | None:
   return found.path
 
 
-def _wordpiece_examples(task, vocab_path: str, inputs_length: int) -> None:
-  from levi_jax.checkpoints.wordpiece import WordPieceVocabulary  # pylint: disable=g-import-not-at-top
+def _wordpiece_examples(name: str, task, vocab_path: str, inputs_length: int) -> None:
+  from levi_jax.data.wordpiece import WordPieceVocabulary  # pylint: disable=g-import-not-at-top
   vocab = WordPieceVocabulary(vocab_path)
   print(f"  vocabulary: {vocab_path} (WordPiece, {vocab.vocab_size} pieces)")
   print("  three examples (train split, as the trainer tokenizes them):")
-  src = task.source_arrays("train", np.arange(min(3, len(task.rows("train")))))
-  ids = vocab.encode_padded(src["inputs"], inputs_length)
-  for k in range(len(ids)):
-    _print_example(k, task, vocab, {**{f: v[k] for f, v in src.items()}, "inputs": ids[k]})
+  arrays = input_pipeline.load_split_arrays(
+      name, "train", task.data_dir, inputs_length=inputs_length, vocab_path=vocab_path,
+      select=np.arange(min(3, len(task.rows("train")))))
+  for k in range(len(arrays["targets"])):
+    _print_example(k, task, vocab, {f: v[k] for f, v in arrays.items()})
 
 
 def _print_example(k: int, task, vocab, ex) -> None:
@@ -85,7 +85,7 @@ def _print_example(k: int, task, vocab, ex) -> None:
 
 def _describe(name: str, data_dir: str | None, inputs_length: int,
               vocab_path: str | None) -> None:
-  task = pipeline.prepare(name, data_dir)
+  task = input_pipeline.prepare(name, data_dir)
   from levi_jax.data import tasks  # pylint: disable=g-import-not-at-top
 
   t, shift = task.table, task.shift
@@ -109,8 +109,8 @@ def _describe(name: str, data_dir: str | None, inputs_length: int,
   print("  features: " + ", ".join(
       f"{f.name} ({f.vocab_size}{f', bag {f.bag_size}' if f.bag_size else ''})"
       for f in task.feature_specs))
-  if vocab_path and vocab_path.endswith(".txt"):
-    _wordpiece_examples(task, vocab_path, inputs_length)
+  if vocab_path and tokens.is_wordpiece(vocab_path):
+    _wordpiece_examples(name, task, vocab_path, inputs_length)
     return
   tasks.register_tasks(data_dir=data_dir, vocab_path=vocab_path)
   ds = tasks.get_dataset(name, "train", inputs_length=inputs_length)
@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   group.add_argument("--task", help="summarize this task")
   parser.add_argument("--data_dir", default=None,
                       help="raw files, tfds[:DIR]; unset: LEVI_DATA_DIR or the synthetic world")
-  parser.add_argument("--inputs_length", type=int, default=pipeline.DEFAULT_INPUTS_LENGTH)
+  parser.add_argument("--inputs_length", type=int, default=input_pipeline.DEFAULT_INPUTS_LENGTH)
   vocab = parser.add_mutually_exclusive_group()
   vocab.add_argument("--vocab_path", default=None,
                      help="vocabulary for inputs: a SentencePiece model or a WordPiece vocab.txt")
@@ -144,8 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
       vocab_path = backbone_vocab_path(args.backbone) if args.backbone else args.vocab_path
       _describe(args.task, args.data_dir, args.inputs_length, vocab_path)
-  except (pipeline.UnknownTaskError, MissingFilesError, MalformedDataError,
-          FileNotFoundError) as e:
+  except (input_pipeline.UnknownTaskError, input_pipeline.MissingFilesError,
+          input_pipeline.MalformedDataError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

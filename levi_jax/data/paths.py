@@ -8,12 +8,15 @@ A data dir is one of:
   `levi_jax.data.synthetic.write_world` lays out;
 * `tfds` or `tfds:<TFDS data dir>`: MovieLens through TensorFlow Datasets;
 * None: the `LEVI_DATA_DIR` environment variable if set, else the embedded
-  default, a synthetic world generated on first use under the cache dir.
+  default, a synthetic world generated on first use under the cache dir
+  (`levi_jax.data.prepare.resolve_data_dir`).
 
 The cache dir (trained vocabularies, the default world) is `LEVI_CACHE_DIR`,
 else `~/.cache/levi_jax`. Every cache entry is keyed by what its content
 depends on, the code that makes it included (`code_digest`), so an entry
 written by other code is never read.
+
+A leaf module: it imports nothing from levi_jax.
 """
 
 from __future__ import annotations
@@ -69,16 +72,15 @@ def cache_dir() -> str:
                                                        "levi_jax")
 
 
-def resolve_data_dir(data_dir: str | None) -> str:
-  """An explicit data dir: the argument, `LEVI_DATA_DIR`, or the default synthetic world."""
-  if data_dir:
-    return data_dir if is_tfds(data_dir) else os.path.abspath(os.path.expanduser(data_dir))
-  env = os.environ.get(DATA_DIR_ENV)
-  if env:
-    return resolve_data_dir(env)
-  from levi_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+def explicit_data_dir(data_dir: str | None) -> str | None:
+  """The data dir the argument or else `LEVI_DATA_DIR` names, absolute; None if neither does.
 
-  return synthetic.ensure_default_world()
+  None leaves the choice of the default (the synthetic world) to the caller.
+  """
+  data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
+  if not data_dir:
+    return None
+  return data_dir if is_tfds(data_dir) else os.path.abspath(os.path.expanduser(data_dir))
 
 
 def is_tfds(data_dir: str) -> bool:

@@ -69,7 +69,7 @@ from typing import Any
 
 import numpy as np
 
-from levi_jax.data import datasets, formats, paths, shifts, spm
+from levi_jax.data import datasets, paths, schema, shifts, spm
 
 # Bump on any change of the generated content. The cache key also covers the
 # generator's source and the numpy/sentencepiece versions (`paths.code_digest`):
@@ -77,12 +77,12 @@ from levi_jax.data import datasets, formats, paths, shifts, spm
 # generator outlived the change that gave the fine-tuning world's prestige titles
 # their exact independence.
 GENERATOR_VERSION = 2
-GENERATOR_MODULES = ("levi_jax.data.synthetic", "levi_jax.data.formats",
+GENERATOR_MODULES = ("levi_jax.data.synthetic", "levi_jax.data.schema", "levi_jax.data.formats",
                      "levi_jax.data.datasets", "levi_jax.data.table", "levi_jax.data.spm",
                      "levi_jax.data.shifts")
 GENERATOR_PACKAGES = ("numpy", "sentencepiece")
 FORMATS = ("ml-100k", "ml-1m", "amazon_2018", "amazon_us")
-WORLD_GENRES = formats.ML100K_GENRE_FLAGS[1:]  # 18 genres, "Unknown" left out.
+WORLD_GENRES = schema.ML100K_GENRE_FLAGS[1:]  # 18 genres, "Unknown" left out.
 _GENRE_WEIGHTS = np.array([6, 4, 1.5, 2, 9, 3, 1, 12, 1, 0.8, 2.5, 1.5, 1.8, 5, 2.5, 5, 1.5, 1])
 OCCUPATIONS = ("academic/educator", "artist", "clerical/admin", "doctor/health care",
                "executive/managerial", "homemaker", "lawyer", "other/not specified",
@@ -217,7 +217,7 @@ def _structure(config: WorldConfig) -> dict[str, np.ndarray]:
   g = len(WORLD_GENRES)
   s = config.taste_scale
   return {"gender": rng.normal(0, s, (2, g)),
-          "age": rng.normal(0, s, (len(formats.AGE_BUCKETS), g)),
+          "age": rng.normal(0, s, (len(schema.AGE_BUCKETS), g)),
           "occupation": rng.normal(0, s, (len(OCCUPATIONS), g))}
 
 
@@ -228,8 +228,8 @@ def _movie_world(config: WorldConfig, prefix: str, n_users: int, n_items: int,
   structure = _structure(config)
   rng = _rng(config, prefix + "/users")
   male = rng.random(n_users) < 0.71
-  age_idx = rng.choice(len(formats.AGE_BUCKETS), n_users, p=_AGE_PROBS)
-  bucket = np.asarray(formats.AGE_BUCKETS)[age_idx]
+  age_idx = rng.choice(len(schema.AGE_BUCKETS), n_users, p=_AGE_PROBS)
+  bucket = np.asarray(schema.AGE_BUCKETS)[age_idx]
   raw_age = np.array([rng.integers(_AGE_RANGES[b][0], _AGE_RANGES[b][1] + 1) for b in bucket])
   student = OCCUPATIONS.index("student")
   others = [k for k in range(len(OCCUPATIONS)) if k != student]
@@ -314,9 +314,9 @@ def _write_ml100k(world: _MovieWorld, d: str) -> None:
       for k in range(len(u["user_id"]))).encode("latin-1"))
   lines = []
   for i in range(len(it["item_id"])):
-    flags = ["0"] * len(formats.ML100K_GENRE_FLAGS)
+    flags = ["0"] * len(schema.ML100K_GENRE_FLAGS)
     for g in it["genres"][i]:
-      flags[formats.ML100K_GENRE_FLAGS.index(WORLD_GENRES[g])] = "1"
+      flags[schema.ML100K_GENRE_FLAGS.index(WORLD_GENRES[g])] = "1"
     url = "http://us.imdb.com/M/title-exact?" + it["title"][i].replace(" ", "%20")
     lines.append(f"{it['item_id'][i]}|{it['title'][i]}|01-Jan-{it['year'][i]}||{url}|"
                  + "|".join(flags) + "\n")
@@ -334,7 +334,7 @@ def _write_ml1m(world: _MovieWorld, d: str) -> None:
     if label == "student":
       label = "college/grad student" if u["raw_user_age"][k] >= 18 else "K-12 student"
     lines.append(f"{u['user_id'][k]}::{'M' if u['user_gender'][k] else 'F'}::"
-                 f"{int(u['bucketized_user_age'][k])}::{formats.ML1M_OCCUPATIONS.index(label)}::"
+                 f"{int(u['bucketized_user_age'][k])}::{schema.ML1M_OCCUPATIONS.index(label)}::"
                  f"{u['user_zip_code'][k]}\n")
   _write(os.path.join(d, "users.dat"), "".join(lines).encode("latin-1"))
   _write(os.path.join(d, "movies.dat"), "".join(

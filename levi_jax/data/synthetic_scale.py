@@ -52,7 +52,7 @@ from typing import Sequence
 
 import numpy as np
 
-from levi_jax.data import formats
+from levi_jax.data import schema
 from levi_jax.data.synthetic import AMAZON_CATEGORIES
 
 SUBDIR = "amazon_2018"
@@ -262,7 +262,7 @@ def _check_categories(categories: Sequence[str]) -> None:
   if len(set(categories)) != len(categories):
     raise ValueError(f"repeated categories in {list(categories)}")
   for c in categories:
-    if not formats.AMAZON_REVIEWS_RE.match(f"{c}.json.gz") or c.startswith("meta_"):
+    if not schema.AMAZON_REVIEWS_RE.match(f"{c}.json.gz") or c.startswith("meta_"):
       raise ValueError(f"category {c!r}: file {c}.json.gz would not be read as Amazon 2018 "
                        "reviews (a capitalized name of letters, digits, _ , & -)")
 

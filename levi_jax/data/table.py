@@ -23,7 +23,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from levi_jax.data.report import LoadReport
+from levi_jax.data.load_report import LoadReport
 
 USER, ITEM, ROW = "user", "item", "row"
 

@@ -18,9 +18,10 @@ the Tasks it registered before, so registration is idempotent.
 
 The pipeline: the source yields text, categorical ids and the rating for each
 rating of the split, in the split's order (a seeded permutation when shuffled);
-`seqio.preprocessors.tokenize` and `append_eos_after_trim` tokenize `inputs`;
-`RatingFeatureConverter` pads `inputs` and passes the rest through. The
-examples equal `levi_jax.data.pipeline.load_split_arrays`'s.
+`tokenize_inputs` gives `inputs` the ids of `levi_jax.data.tokens.encode`
+(truncated to the length - 1, then EOS); `RatingFeatureConverter` pads
+`inputs` and passes the rest through. The examples equal
+`levi_jax.input_pipeline.load_split_arrays`'s.
 
 Each Task also carries what a seqio `Evaluator` (T5X's `eval.py`) needs to
 score a model's predicted ratings: `targets` as a length-1 float sequence
@@ -42,7 +43,7 @@ quiet.import_tensorflow()
 import seqio  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from levi_jax.data import datasets, pipeline
+from levi_jax.data import datasets, prepare, tokens
 
 _REGISTERED: set[str] = set()
 
@@ -56,7 +57,7 @@ class DataSentencePieceVocabulary(seqio.SentencePieceVocabulary):
 
   def __init__(self, task: str, data_dir: str | None, vocab_path: str | None,
                max_bad_fraction: float):
-    self._resolve = functools.partial(pipeline.vocabulary_path, task, data_dir, vocab_path,
+    self._resolve = functools.partial(prepare.vocabulary_path, task, data_dir, vocab_path,
                                       max_bad_fraction)
     super().__init__(sentencepiece_model_file="")
 
@@ -121,6 +122,30 @@ def mae(targets, predictions) -> dict[str, float]:
   return {"mae": float(np.mean(np.abs(_errors("mae", targets, predictions))))}
 
 
+def tokenize_inputs(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature],
+                    sequence_length: Mapping[str, int] | None = None) -> tf.data.Dataset:
+  """seqio preprocessor: `inputs` text to its `tokens.encode` ids in the Task's vocabulary.
+
+  Truncated to `sequence_length["inputs"] - 1` ids, then EOS (without a
+  length: every id, then EOS); the feature converter pads. The ids come from
+  the one numpy tokenizer, through `tf.numpy_function`, rather than from
+  seqio's `tokenize` preprocessor, whose tensorflow-text SentencePiece splits
+  some words into equal-score pieces in another order than the arrays do.
+  """
+  vocab_path = output_features["inputs"].vocabulary.sentencepiece_model_file
+  max_length = (sequence_length or {}).get("inputs")
+
+  def encode(text: bytes) -> np.ndarray:
+    return np.asarray(tokens.encode([text.decode("utf-8")], vocab_path, max_length)[0], np.int32)
+
+  def tokenize(ex):
+    ids = tf.numpy_function(encode, [ex["inputs"]], tf.int32, stateful=False)
+    ids.set_shape([None])
+    return {**ex, "inputs": ids}
+
+  return dataset.map(tokenize, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def _rating_as_sequence(ds: tf.data.Dataset) -> tf.data.Dataset:
   """`targets` as a [1] sequence, the rank seqio's Evaluator measures lengths of."""
   return ds.map(lambda ex: {**ex, "targets": tf.reshape(ex["targets"], [1])},
@@ -131,7 +156,7 @@ def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, tas
                 data_dir: str | None, max_bad_fraction: float,
                 duplicates: str = datasets.DEFAULT_DUPLICATES) -> tf.data.Dataset:
   """The source of Task `task`: one element per rating of `split`."""
-  prepared = pipeline.prepare(task, data_dir, max_bad_fraction, duplicates)
+  prepared = prepare.prepare(task, data_dir, max_bad_fraction, duplicates)
   arrays = prepared.source_arrays(split)
   if shuffle_files:
     order = np.random.default_rng(0 if seed is None else seed).permutation(len(arrays["targets"]))
@@ -157,9 +182,9 @@ def register_tasks(data_dir: str | None = None, vocab_path: str | None = None,
     duplicates: repeated (user, item, timestamp) ratings: 'keep', 'drop' or
       'error' (`datasets.load_table`).
   """
-  names = pipeline.task_names()
+  names = prepare.task_names()
   for name in names:
-    _, shift = pipeline.lookup_task(name)
+    _, shift = prepare.lookup_task(name)
     if name in _REGISTERED or name in seqio.TaskRegistry.names():
       seqio.TaskRegistry.remove(name)
     vocab = DataSentencePieceVocabulary(name, data_dir, vocab_path, max_bad_fraction)
@@ -173,8 +198,7 @@ def register_tasks(data_dir: str | None = None, vocab_path: str | None = None,
             "inputs": seqio.Feature(vocab, add_eos=True),
             "targets": seqio.Feature(RatingVocabulary(), add_eos=False,
                                      dtype=tf.float32, rank=1)},
-        preprocessors=[functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
-                       seqio.preprocessors.append_eos_after_trim, _rating_as_sequence],
+        preprocessors=[tokenize_inputs, _rating_as_sequence],
         postprocess_fn=_rating,
         metric_fns=[rmse, mae])
     _REGISTERED.add(name)
@@ -224,7 +248,7 @@ class RatingFeatureConverter(seqio.FeatureConverter):
     return dict(task_feature_lengths)
 
 
-def get_dataset(task: str, split: str, inputs_length: int = pipeline.DEFAULT_INPUTS_LENGTH,
+def get_dataset(task: str, split: str, inputs_length: int = tokens.DEFAULT_INPUTS_LENGTH,
                 batch_size: int | None = None, shuffle: bool = False, seed: int | None = None,
                 shard_info: seqio.ShardInfo | None = None, num_epochs: int | None = 1
                 ) -> tf.data.Dataset:
@@ -236,7 +260,7 @@ def get_dataset(task: str, split: str, inputs_length: int = pipeline.DEFAULT_INP
   Raises:
     UnknownTaskError: if `task` is not one of ours (listing close matches).
   """
-  pipeline.lookup_task(task)
+  prepare.lookup_task(task)
   return seqio.get_dataset(task, {"inputs": inputs_length}, RatingFeatureConverter(),
                            dataset_split=split, shuffle=shuffle, seed=seed, shard_info=shard_info,
                            num_epochs=num_epochs, batch_size=batch_size)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from levi_jax.data import formats
-from levi_jax.data.report import LoadReport, MissingFilesError
+from levi_jax.data import schema
+from levi_jax.data.load_report import LoadReport, MissingFilesError
 from levi_jax.data.table import RatingsTable, build_table
 
-_MAX_GENRES = len(formats.GENRES)
+_MAX_GENRES = len(schema.GENRES)
 
 
 def load_movielens(dataset: str, tfds_name: str, tfds_data_dir: str | None) -> RatingsTable:
@@ -77,5 +77,5 @@ def load_movielens(dataset: str, tfds_name: str, tfds_data_dir: str | None) -> R
       dataset, f"tfds:{tfds_name} ({builder.data_dir})", user_ids=user_ids, item_ids=item_ids,
       ratings=data.get("user_rating", np.zeros(0)), timestamps=data.get("timestamp", np.zeros(0)),
       user_attrs=users, item_attrs=items,
-      user_columns=formats.ML100K_USER_COLUMNS if has_raw_age else formats.ML_USER_COLUMNS,
-      item_columns=formats.ML_ITEM_COLUMNS, report=report)
+      user_columns=schema.ML100K_USER_COLUMNS if has_raw_age else schema.ML_USER_COLUMNS,
+      item_columns=schema.ML_ITEM_COLUMNS, report=report)

@@ -44,7 +44,8 @@ from t5x import optimizers as t5x_optimizers
 
 from levi_jax import methods, optim, step as step_lib
 from levi_jax import trainer as trainer_lib
-from levi_jax.data import pipeline, tasks
+from levi_jax import input_pipeline
+from levi_jax.data import tasks
 from levi_jax.input_pipeline import TaskData
 from levi_jax.models import t5_encoder
 
@@ -149,20 +150,20 @@ class LeviT5XModel(t5x_models.BaseModel):
     if loss.task == "classification":
       raise ValueError("LeviT5XModel: our seqio Tasks carry ratings; LossConfig.task must be "
                        "'regression'")
-    pipeline.lookup_task(task)
+    input_pipeline.lookup_task(task)
     self.task = task
     self.loss_cfg = loss
     vocab = trainer_lib.backbone_vocabulary(
         trainer_lib.DataConfig(task=task, data_dir=data_dir, vocabulary_path=vocabulary_path),
         None, initial_checkpoint_path)
-    prepared = pipeline.prepare(task, data_dir or None, duplicates=duplicates)
-    vocab = vocab or pipeline.vocabulary_path(task, prepared.data_dir)
+    prepared = input_pipeline.prepare(task, data_dir or None, duplicates=duplicates)
+    vocab = vocab or input_pipeline.vocabulary_path(task, prepared.data_dir)
     tasks.register_tasks(data_dir=data_dir or None, vocab_path=vocab, duplicates=duplicates)
     self.vocabulary_path = vocab
     summary = TaskData(
         train={"targets": prepared.table.rows["rating"][prepared.rows("train")]},
         evals={}, features=tuple(prepared.feature_specs),
-        vocab_size=pipeline.vocabulary_size(vocab))
+        vocab_size=input_pipeline.vocabulary_size(vocab))
     self.features = summary.features
     # The backbone's vocab_size is the preset's (T5X's: 32128 for T5 1.1) unless
     # backbone_overrides sets it: a T5X checkpoint restores only into its own shapes.

@@ -3,7 +3,8 @@
 Tokenizes with tensorflow-text's `BertTokenizer` (lower-casing, accent
 stripping and punctuation splitting as HF's uncased `BertTokenizer`), so it
 runs inside tf.data pipelines. TensorFlow is imported with this module only:
-`levi_jax.models` and the rest of `levi_jax.checkpoints` do not need it.
+`levi_jax.models`, `levi_jax.checkpoints` and the SentencePiece path of
+`levi_jax.data.tokens` do not need it.
 
 BERT inputs are `[CLS] pieces... [SEP]`: `encode` returns `[CLS]` and the
 pieces, and `eos_id` is `[SEP]`, so seqio's usual EOS appending (`append_eos`,
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import os
 from typing import Iterable, Sequence
-
-import numpy as np
 
 from levi_jax import quiet
 
@@ -63,6 +62,11 @@ class WordPieceVocabulary(seqio.Vocabulary):
     return self._tf_tokenizer
 
   @property
+  def vocab_file(self) -> str:
+    """The `vocab.txt` this vocabulary was read from."""
+    return self._vocab_file
+
+  @property
   def eos_id(self) -> int:
     return self._sep
 
@@ -83,20 +87,13 @@ class WordPieceVocabulary(seqio.Vocabulary):
     cls = tf.constant([self._cls], tf.int64)
     return tf.cast(tf.concat([cls, pieces], 0), tf.int32)
 
-  def encode_padded(self, texts: Sequence[str], length: int) -> np.ndarray:
-    """int32 [n, length]: [CLS] pieces truncated to fit, [SEP], padded with 0.
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """`encode` of each text ([CLS] and the pieces), tokenized as one batch.
 
-    The batch form of `encode` followed by seqio's EOS append and padding
-    (what the feature converter does), for the numpy data path.
+    `levi_jax.data.tokens.encode` truncates the ids and appends EOS ([SEP]).
     """
-    if length < 3:
-      raise ValueError(f"length must be >= 3 ([CLS] piece [SEP]), got {length}")
     pieces = self.tokenizer.tokenize(tf.constant(list(texts))).merge_dims(1, -1)
-    out = np.zeros((len(texts), length), np.int32)
-    for r, ids in enumerate(pieces.to_list()):
-      ids = [self._cls] + ids[:length - 2] + [self._sep]
-      out[r, :len(ids)] = ids
-    return out
+    return [[self._cls] + ids for ids in pieces.to_list()]
 
   def _encode(self, s: str) -> Sequence[int]:
     return self._encode_tf(tf.constant(s)).numpy().tolist()

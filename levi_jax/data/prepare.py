@@ -1,19 +1,17 @@
-"""From a task name to examples: splits, feature vocabularies, text, and numpy arrays.
+"""From a task name to a prepared task: its table, splits, feature ids and texts.
 
 A task is a dataset under a shift, named `<dataset>.<shift>` (e.g.
 `movielens_100k.gender_m_to_f`; `pretrain_corpus.all` for the pre-training
 corpus), with splits `train`, `validation`, `id_test` and `ood_test`.
 
-An example is
-  * `inputs`: int32 [inputs_length] SentencePiece ids of the text, EOS (1)
-    appended after truncation to inputs_length - 1, padded with 0;
-  * one int32 id per categorical feature (scalar, or a [K] bag padded with 0):
-    0 = missing, 1 = not among the training split's kept values (OOV), 2.. =
-    values of the training split, most frequent first (ties by value);
-  * `targets`: the rating, float32.
-
-`load_split_arrays` builds a whole split as numpy arrays without TensorFlow;
-`levi_jax.data.tasks` serves the same examples through seqio.
+`prepare` loads the dataset's table, splits it by the shift and encodes each
+categorical feature as one int32 id per unit (scalar, or a [K] bag padded
+with 0): 0 = missing, 1 = not among the training split's kept values (OOV),
+2.. = values of the training split, most frequent first (ties by value). A
+`PreparedTask` gives a split's `inputs` texts, feature ids and ratings
+(`source_arrays`), from which `levi_jax.input_pipeline` builds numpy arrays
+and `levi_jax.data.tasks` the seqio Tasks' sources. `vocabulary_path` names
+the SentencePiece model of a task's `inputs`.
 """
 
 from __future__ import annotations
@@ -28,15 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from levi_jax.data import datasets, paths, shifts, spm
+from levi_jax.data import datasets, paths, shifts, spm, synthetic
 from levi_jax.data.table import ROW, USER, RatingsTable
 from levi_jax.models.task_net import OOV_ID, PAD_ID, CategoricalFeature
 
-DEFAULT_INPUTS_LENGTH = 64
-
-
 class UnknownTaskError(ValueError):
   """A task name that is not registered."""
+
+
+def resolve_data_dir(data_dir: str | None) -> str:
+  """An explicit data dir: the argument, `LEVI_DATA_DIR`, or the default synthetic world."""
+  return paths.explicit_data_dir(data_dir) or synthetic.ensure_default_world()
 
 
 def task_name(dataset: str, shift: str) -> str:
@@ -221,7 +221,7 @@ def prepare(name: str, data_dir: str | None = None,
   timestamp): 'keep', 'drop' or 'error' (`datasets.load_table`).
   """
   spec, _ = lookup_task(name)
-  resolved = paths.resolve_data_dir(data_dir)
+  resolved = resolve_data_dir(data_dir)
   table = datasets.load_table(spec.name, resolved, max_bad_fraction, duplicates)
   return _prepare(name, resolved, table)
 
@@ -249,13 +249,18 @@ def feature_specs(name: str, data_dir: str | None = None,
 
 def vocabulary_path(name: str, data_dir: str | None = None, vocab_path: str | None = None,
                     max_bad_fraction: float = datasets.DEFAULT_MAX_BAD_FRACTION) -> str:
-  """The SentencePiece model for task or dataset `name` (see `levi_jax.data.spm`)."""
+  """The vocabulary file of the `inputs` of task or dataset `name`.
+
+  `vocab_path`, else `LEVI_VOCAB_PATH`, if set (a SentencePiece model or a
+  WordPiece `vocab.txt`, `levi_jax.data.tokens`); else the dataset's
+  SentencePiece model (`levi_jax.data.spm`).
+  """
   explicit = vocab_path or os.environ.get(spm.VOCAB_ENV)
   if explicit:
     return explicit
   dataset = name.split(".")[0]
   datasets.get_spec(dataset)
-  resolved = paths.resolve_data_dir(data_dir)
+  resolved = resolve_data_dir(data_dir)
   if not paths.is_tfds(resolved):
     shipped = spm.find_shipped(datasets.dataset_dir_candidates(dataset, resolved))
     if shipped:
@@ -263,85 +268,3 @@ def vocabulary_path(name: str, data_dir: str | None = None, vocab_path: str | No
   table = datasets.load_table(dataset, resolved, max_bad_fraction)
   user_text, item_text = _side_texts(table)
   return spm.cached_sentencepiece([t for t in user_text if t] + list(item_text))
-
-
-@functools.lru_cache(maxsize=4)
-def _processor(model_path: str):
-  import sentencepiece  # pylint: disable=g-import-not-at-top
-
-  proc = sentencepiece.SentencePieceProcessor(model_proto=spm.read_model(model_path))
-  if proc.pad_id() != 0 or proc.eos_id() != 1:
-    raise ValueError(f"{model_path}: expected pad id 0 and EOS id 1 (T5's convention), got "
-                     f"pad {proc.pad_id()}, EOS {proc.eos_id()}")
-  return proc
-
-
-def vocabulary_size(model_path: str) -> int:
-  """Number of pieces of the SentencePiece model at `model_path` (pad, EOS, UNK included)."""
-  return _processor(model_path).get_piece_size()
-
-
-def tokenize(texts: list[str], model_path: str, length: int) -> np.ndarray:
-  """int32 [n, length]: ids truncated to length - 1, EOS appended, padded with 0."""
-  proc = _processor(model_path)
-  out = np.zeros((len(texts), length), np.int32)
-  for r, ids in enumerate(proc.encode(texts)):
-    ids = ids[:length - 1] + [proc.eos_id()]
-    out[r, :len(ids)] = ids
-  return out
-
-
-def shard_positions(num_rows: int, index: int, num_shards: int) -> np.ndarray:
-  """Positions of shard `index` of `num_shards` in a split of `num_rows` rows.
-
-  Rows are dealt round-robin (position i to shard i % num_shards), the
-  convention of `seqio.ShardInfo` and `tf.data.Dataset.shard`.
-  """
-  if not 0 <= index < num_shards:
-    raise ValueError(f"shard index {index} is out of range for {num_shards} shards")
-  return np.arange(index, num_rows, num_shards)
-
-
-def load_split_arrays(name: str, split: str, data_dir: str | None = None,
-                      inputs_length: int = DEFAULT_INPUTS_LENGTH, vocab_path: str | None = None,
-                      max_bad_fraction: float = datasets.DEFAULT_MAX_BAD_FRACTION,
-                      shard: tuple[int, int] | None = None,
-                      select: np.ndarray | None = None,
-                      duplicates: str = datasets.DEFAULT_DUPLICATES) -> dict[str, np.ndarray]:
-  """A split as numpy arrays, in the split's (deterministic) order.
-
-  Args:
-    duplicates: see `prepare`.
-    shard: `(index, num_shards)`: only that shard's rows (`shard_positions`),
-      the rows `seqio.get_dataset(..., shard_info=seqio.ShardInfo(index,
-      num_shards))` yields for the split.
-    select: only these positions within the split (in this order).
-    Only the kept rows are tokenized.
-
-  Returns:
-    `inputs` int32 [n, inputs_length], each categorical feature int32 [n] or
-    [n, K], `targets` float32 [n]; the same examples `levi_jax.data.tasks`
-    yields through seqio. Arrays are read-only (the whole split's are cached).
-  """
-  if inputs_length < 2:
-    raise ValueError(f"inputs_length must be >= 2 (text plus EOS), got {inputs_length}")
-  if shard is not None and select is not None:
-    raise ValueError("pass either shard or select, not both")
-  task = prepare(name, data_dir, max_bad_fraction, duplicates)
-  model = vocabulary_path(name, task.data_dir, vocab_path, max_bad_fraction)
-  if shard is not None:
-    select = shard_positions(len(task.rows(split)), *shard)
-  if select is None:
-    return _split_arrays(task, split, inputs_length, model)
-  src = task.source_arrays(split, select)
-  return {"inputs": tokenize(src.pop("inputs"), model, inputs_length), **src}
-
-
-@functools.lru_cache(maxsize=4)  # One task's splits; real datasets' arrays are large.
-def _split_arrays(task: PreparedTask, split: str, inputs_length: int,
-                  model: str) -> dict[str, np.ndarray]:
-  src = task.source_arrays(split)
-  out = {"inputs": tokenize(src.pop("inputs"), model, inputs_length), **src}
-  for v in out.values():
-    v.flags.writeable = False
-  return out
