@@ -40,15 +40,16 @@ def _kind(hint: Any) -> tuple[str, type]:
   return {bool: "bool", int: "int", float: "float", str: "str"}[hint], hint
 
 
-def define(cls: type, flag_values: flags.FlagValues = flags.FLAGS):
-  """Defines one flag per field of the settings dataclass `cls`."""
+def define(cls: type, flag_values: flags.FlagValues = flags.FLAGS, module_name: str | None = None):
+  """Defines one flag per field of the settings dataclass `cls` (as flags of
+  `module_name`, so that `--help` lists them for the script that runs)."""
   hints = typing.get_type_hints(cls)
   for f in dataclasses.fields(cls):
     kind, _ = _kind(hints[f.name])
     meta = f.metadata
     required = f.default is dataclasses.MISSING
     default = None if required else f.default
-    kw = {"flag_values": flag_values}
+    kw = {"flag_values": flag_values, "module_name": module_name}
     help_text = meta.get("help", "")
     if meta.get("choices"):
       flags.DEFINE_enum(f.name, default, meta["choices"], help_text, **kw)
@@ -98,13 +99,17 @@ def command_line(module: str, argv: Sequence[str] | None = None) -> str:
 def main(cls: type, run: Callable[[Any, str], Any], module: str):
   """The script's entry: defines `cls`'s flags, parses sys.argv (absl `app.run`: --help,
   --flagfile) and calls `run(settings, command_line)`."""
-  define(cls)
+  define(cls, module_name=sys.argv[0])
   command = command_line(module)
 
   def _main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/jax chatter
-    run(from_flags(cls), command)
+    try:
+      settings = from_flags(cls)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+    run(settings, command)
 
   app.run(_main, argv=_rewrite(sys.argv))
