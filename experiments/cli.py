@@ -22,7 +22,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 
-def field(default: Any = dataclasses.MISSING, help: str = "", *,  # pylint: disable=redefined-builtin
+def field(default: Any = dataclasses.MISSING,
+          help: str = "", *,  # pylint: disable=redefined-builtin
           multi: bool = False, choices: Sequence[str] = ()) -> Any:
   """A settings field and its flag: no `default` makes the flag required; `multi`: a
   repeatable flag (`--gin_file=a --gin_file=b`), otherwise a tuple is comma-separated."""
@@ -40,7 +41,8 @@ def _kind(hint: Any) -> tuple[str, type]:
   return {bool: "bool", int: "int", float: "float", str: "str"}[hint], hint
 
 
-def define(cls: type, flag_values: flags.FlagValues = flags.FLAGS, module_name: str | None = None):
+def define(cls: type, flag_values: flags.FlagValues = flags.FLAGS,
+           module_name: str | None = None):
   """Defines one flag per field of the settings dataclass `cls` (as flags of
   `module_name`, so that `--help` lists them for the script that runs)."""
   hints = typing.get_type_hints(cls)

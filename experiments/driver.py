@@ -122,7 +122,8 @@ class Run:
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-  """What a study's report reads: the settings, the tasks, the planned runs and the records."""
+  """What a study's report reads: the settings, tasks, planned runs, records and what
+  `Study.prepare` computed."""
 
   settings: Settings
   tasks: Sequence[str]
@@ -131,6 +132,7 @@ class Outcome:
   records: list[dict[str, Any]]
   missing: list[Run]
   command: str
+  prepared: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +146,8 @@ class Study:
     records: (settings, run, results) -> the table records of one finished run.
     report: outcome -> {"markdown": ..., "files": [...], ...}, the outputs written.
     methods: the methods a --lr_grid may name.
+    prepare: (settings, tasks, data_dir) -> what the report also reads, computed before
+      the first run (the sweep's classical references), so that it fails early.
   """
 
   module: str
@@ -152,6 +156,7 @@ class Study:
   records: Callable[[Any, Run, Mapping[str, Any]], list[dict[str, Any]]]
   report: Callable[[Outcome], dict[str, Any]]
   methods: Sequence[str]
+  prepare: Callable[[Any, Sequence[str], str], Any] | None = None
 
 
 def tasks_for(shifts: Sequence[str], datasets: Sequence[str]) -> list[str]:
@@ -292,6 +297,18 @@ def data_dir_of(settings: Settings) -> str:
   return settings.data_dir or gin_value(settings, "%DATA_DIR") or ""
 
 
+def schedule_of(settings: Settings, task: str, data_dir: str, batch_size: int | None
+                ) -> tuple[int | None, list[str]]:
+  """A task's training steps (None: the gin's) and evaluation-schedule bindings: --steps,
+  or with --epochs that many passes over its training split, evaluated --evals_per_epoch
+  times per epoch."""
+  if not settings.epochs:
+    return settings.steps, []
+  steps = epochs_to_steps(task, data_dir, settings.epochs, batch_size)
+  evals = max(1, round(settings.epochs * settings.evals_per_epoch))
+  return steps, [f"trainer.LoopConfig.eval_every = {max(1, steps // evals)}"]
+
+
 def plan(study: Study, settings: Settings, tasks: Sequence[str], data_dir: str) -> list[Run]:
   """The study's grid resolved into runs, in run order, all checked before the first trains:
   the cells over the learning-rate grid, less what --restrict leaves out, each with its steps,
@@ -309,12 +326,7 @@ def plan(study: Study, settings: Settings, tasks: Sequence[str], data_dir: str) 
     if restricted_out(restrict, cell.run, cell.task, cell.seed):
       continue
     if cell.task not in schedules:
-      steps, schedule = settings.steps, []
-      if settings.epochs:
-        steps = epochs_to_steps(cell.task, data_dir, settings.epochs, batch_size)
-        evals = max(1, round(settings.epochs * settings.evals_per_epoch))
-        schedule = [f"trainer.LoopConfig.eval_every = {max(1, steps // evals)}"]
-      schedules[cell.task] = steps, schedule
+      schedules[cell.task] = schedule_of(settings, cell.task, data_dir, batch_size)
     steps, schedule = schedules[cell.task]
     for lr in lrs[cell.method] or [None]:
       oov = settings.oov_dropout if cell.method in runs.FEATURE_METHODS else 0.0
@@ -359,9 +371,11 @@ def run(study: Study, settings: Settings, command: str = "") -> dict[str, Any]:
   data_dir = data_dir_of(settings)
   tasks = validate_grid(tasks_for(settings.shifts, settings.datasets), data_dir,
                         implicit=not all("." in s for s in settings.shifts))
+  prepared = study.prepare(settings, tasks, data_dir) if study.prepare else None
   planned = plan(study, settings, tasks, data_dir)
   records, missing = train_grid(study, settings, planned)
-  return study.report(Outcome(settings, tasks, data_dir, planned, records, missing, command))
+  return study.report(Outcome(settings, tasks, data_dir, planned, records, missing, command,
+                              prepared))
 
 
 def metrics_of(results: Mapping[str, Any], early_stopping: bool) -> tuple[dict, dict]:

@@ -553,9 +553,8 @@ def _header(s: Settings, outcome: driver.Outcome, records: Sequence[Mapping[str,
 def report(outcome: driver.Outcome) -> dict[str, Any]:
   """Writes results.md, figure1.json and (unless --references_only) runs.csv,
   summary.csv and results.png; returns {records, all_records, summary, markdown, ...}."""
-  s = outcome.settings
+  s, baselines = outcome.settings, outcome.prepared
   out = os.path.abspath(s.out)
-  baselines = {task: reference_baselines(task, outcome.data_dir) for task in outcome.tasks}
   if s.references_only:
     md = references_markdown(baselines, f"# Classical references on {len(outcome.tasks)} "
                              f"shifts\n\ndata_dir `{s.data_dir or 'the synthetic world'}`.\n\n"
@@ -598,8 +597,15 @@ def report(outcome: driver.Outcome) -> dict[str, Any]:
           "files": ["results.md", "figure1.json", "runs.csv", "summary.csv", "results.png"]}
 
 
+def references(settings: Settings, tasks: Sequence[str], data_dir: str
+               ) -> dict[str, dict[str, dict[str, Any]]]:
+  """The classical references of every task ({task: `reference_baselines`})."""
+  del settings
+  return {task: reference_baselines(task, data_dir) for task in tasks}
+
+
 STUDY = driver.Study(module="sweep", settings=Settings, grid=grid, records=records,
-                     report=report, methods=tuple(COLUMNS.values()))
+                     report=report, methods=tuple(COLUMNS.values()), prepare=references)
 
 
 if __name__ == "__main__":
