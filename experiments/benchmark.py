@@ -1,7 +1,7 @@
 """Train-step speed of LEVI against fine-tuning, next to the hardware's matmul peak.
 
-    python experiments/benchmark.py --out bench.json
-    python experiments/benchmark.py --preset t5_1_1_base --batch 64 --length 128 \\
+    python -m experiments.benchmark --out bench.json
+    python -m experiments.benchmark --preset t5_1_1_base --batch 64 --length 128 \\
         --dtype bfloat16 --out bench_gpu.json
 
 Measured side by side in one process, on one backbone preset, batch and
@@ -27,7 +27,6 @@ a shared machine hits them alike; compilation is timed apart.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.metadata
 import json
@@ -46,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import cli
 from levi_jax import methods, partitioning, step
 from levi_jax.models import lora as lora_lib
 from levi_jax.models import t5_encoder as t5
@@ -61,34 +61,32 @@ FEATURES = (CategoricalFeature("user_id", 1000), CategoricalFeature("item_id", 2
 TARGETS = {"levi_step_over_ft_step": 0.4, "backbone_fraction_of_matmul_peak_cpu": 0.35}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--out", required=True, help="JSON file to write")
-  p.add_argument("--preset", default="t5_1_1_small", choices=sorted(t5.PRESETS))
-  p.add_argument("--num_layers", type=int, default=None, help="override the preset's")
-  p.add_argument("--vocab_size", type=int, default=None, help="override the preset's")
-  p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--length", type=int, default=64)
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  p.add_argument("--steps", type=int, default=5, help="timed runs (median reported)")
-  p.add_argument("--warmup", type=int, default=1, help="untimed runs after compiling")
-  p.add_argument("--methods", default=",".join(METHODS),
-                 help=f"comma-separated subset of {','.join(METHODS)}")
-  p.add_argument("--lora_rank", type=int, default=8)
-  p.add_argument("--mesh_model", type=int, default=1,
-                 help="model-axis size; the data axis takes the remaining devices")
-  p.add_argument("--matmul_sizes", default="",
-                 help="sides of the square matmuls whose best median FLOP/s is the peak "
-                      "(default 1024,2048 on CPU; 4096,8192 otherwise)")
-  args = p.parse_args(argv)
-  args.methods = tuple(m for m in args.methods.split(",") if m)
-  args.matmul_sizes = tuple(int(n) for n in args.matmul_sizes.split(",") if n)
-  unknown = set(args.methods) - set(METHODS)
-  if unknown:
-    p.error(f"unknown methods {sorted(unknown)}; expected some of {METHODS}")
-  if args.steps < 1 or args.warmup < 0:
-    p.error("--steps must be >= 1 and --warmup >= 0")
-  return args
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The flags of the benchmark."""
+
+  out: str = cli.field(help="JSON file to write")
+  preset: str = cli.field("t5_1_1_small", "backbone preset", choices=sorted(t5.PRESETS))
+  num_layers: int | None = cli.field(None, "override the preset's")
+  vocab_size: int | None = cli.field(None, "override the preset's")
+  batch: int = cli.field(32, "batch size")
+  length: int = cli.field(64, "sequence length")
+  dtype: str = cli.field("float32", "compute dtype", choices=("float32", "bfloat16"))
+  steps: int = cli.field(5, "timed runs (median reported)")
+  warmup: int = cli.field(1, "untimed runs after compiling")
+  methods: tuple[str, ...] = cli.field(METHODS, f"comma-separated subset of {','.join(METHODS)}")
+  lora_rank: int = cli.field(8, "LoRA rank")
+  mesh_model: int = cli.field(1, "model-axis size; the data axis takes the remaining devices")
+  matmul_sizes: tuple[int, ...] = cli.field((), "sides of the square matmuls whose best median "
+                                                "FLOP/s is the peak (default 1024,2048 on CPU; "
+                                                "4096,8192 otherwise)")
+
+  def __post_init__(self):
+    unknown = set(self.methods) - set(METHODS)
+    if unknown:
+      raise ValueError(f"unknown methods {sorted(unknown)}; expected some of {METHODS}")
+    if self.steps < 1 or self.warmup < 0:
+      raise ValueError("--steps must be >= 1 and --warmup >= 0")
 
 
 def machine_info() -> dict[str, Any]:
@@ -347,7 +345,7 @@ def _summary(item: Timed, batch: int | None = None) -> dict[str, Any]:
   return out
 
 
-def run(args) -> dict[str, Any]:
+def run(args: Settings) -> dict[str, Any]:
   """The whole benchmark; returns what is written to `--out`."""
   load_before = os.getloadavg()
   bench = Bench(args)
@@ -430,8 +428,9 @@ def table(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None):
-  args = parse_args(argv)
+def main(args: Settings, command: str = ""):
+  """The command line's run: benchmarks, writes --out and prints the table."""
+  del command
   report = run(args)
   with open(args.out, "w") as f:
     json.dump(report, f, indent=1)
@@ -440,4 +439,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.main(Settings, main, "benchmark")

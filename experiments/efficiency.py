@@ -1,6 +1,6 @@
 """Efficiency of FT, LoRA-FT, LEVI, LEVI+LoRA and LEVI on cached taps.
 
-    python experiments/efficiency.py --out experiments/results/efficiency
+    python -m experiments.efficiency --out experiments/results/efficiency
 
 For each variant, on the base gin's model and task (default
 `experiments/demo.gin`: the demo's backbone, batch and sequence length, real
@@ -16,20 +16,18 @@ computing the taps of every split is measured too.
 End to end (`--e2e_steps`, default the gin's TRAIN_STEPS): the same LEVI run
 trained by `trainer.train` without the cache, with a cold cache (the taps are
 computed first) and with a warm one; wall time includes evaluation.
-`experiments/benchmark.py` adds FLOP counts and the fraction of the
+`experiments.benchmark` adds FLOP counts and the fraction of the
 hardware's matmul peak. Writes `results.md`, `results.csv`, `results.json`
 and `results.png` into --out.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import shutil
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
@@ -37,14 +35,11 @@ import gin
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmark  # noqa: E402
-import runs  # noqa: E402
-
-from levi_jax import demo, methods, partitioning, step, tap_cache, trainer  # noqa: E402
-from levi_jax.data import paths  # noqa: E402
-from levi_jax.models.levi import CACHED_TAPS  # noqa: E402
-from levi_jax.optim import OptimizerConfig, make_optimizer  # noqa: E402
+from experiments import benchmark, cli, runs
+from levi_jax import methods, partitioning, step, tap_cache, trainer
+from levi_jax.data import paths
+from levi_jax.models.levi import CACHED_TAPS
+from levi_jax.optim import OptimizerConfig, make_optimizer
 
 VARIANTS = {"FT": "ft", "LoRA-FT": "lora", "LEVI": "levi", "LEVI+LoRA": "levi_lora",
             "LEVI-cached": "levi"}
@@ -163,6 +158,7 @@ def end_to_end(cfg: dict[str, Any], gin_files, bindings, steps: int, work: str
 
 
 def markdown(report: dict[str, Any]) -> str:
+  """The results page: one row per variant, the cached-taps and end-to-end ratios."""
   rows = report["variants"]
   ft = next((r for r in rows if r["variant"] == "FT"), None)
   cfg = report["config"]
@@ -209,6 +205,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def chart(report: dict[str, Any], path: str):
+  """Train step time, inference time and trainable parameters per variant."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -227,51 +224,55 @@ def chart(report: dict[str, Any], path: str):
   plt.close(fig)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--out", required=True)
-  p.add_argument("--variants", default=",".join(VARIANTS))
-  p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-  p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--e2e_steps", type=int, default=None,
-                 help="end-to-end training steps (default: the gin's TRAIN_STEPS; 0: skip)")
-  p.add_argument("--backbone", default="config", choices=sorted(runs.BACKBONES),
-                 help="config: as the gin files set it; random; minilm")
-  p.add_argument("--gin_file", action="append", default=None)
-  p.add_argument("--gin", action="append", default=[])
-  args = p.parse_args(argv)
-  args.variants = runs.parse_list(args.variants)
-  unknown = set(args.variants) - set(VARIANTS)
-  if unknown:
-    p.error(f"unknown variants {sorted(unknown)}; expected some of {list(VARIANTS)}")
-  args.gin_file = args.gin_file or list(runs.BASE_GIN)
-  return args
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The flags of the efficiency table."""
+
+  out: str = cli.field(help="results folder")
+  variants: tuple[str, ...] = cli.field(tuple(VARIANTS), f"of {','.join(VARIANTS)}")
+  steps: int = cli.field(10, "timed steps (median reported)")
+  warmup: int = cli.field(2, "untimed steps after compiling")
+  e2e_steps: int | None = cli.field(None, "end-to-end training steps (default: the gin's "
+                                          "TRAIN_STEPS; 0: skip)")
+  backbone: str = cli.field("config", "config: as the gin files set it; random; minilm",
+                            choices=sorted(runs.BACKBONES))
+  gin_file: tuple[str, ...] = cli.field(runs.BASE_GIN, "base gin files (repeatable)", multi=True)
+  gin_bindings: tuple[str, ...] = cli.field((), "extra gin bindings, also as --gin.NAME=VALUE",
+                                            multi=True)
+
+  def __post_init__(self):
+    unknown = set(self.variants) - set(VARIANTS)
+    if unknown:
+      raise ValueError(f"unknown variants {sorted(unknown)}; expected some of {list(VARIANTS)}")
+    if not self.gin_file:
+      object.__setattr__(self, "gin_file", runs.BASE_GIN)
 
 
-def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
-  out = os.path.abspath(args.out)
-  bindings = [*runs.BACKBONES[args.backbone], *args.gin]
-  cfg = configs(args.gin_file, bindings)
+def run(settings: Settings, command: str = "") -> dict[str, Any]:
+  """Measures every variant (and the end-to-end runs) and writes the outputs into --out."""
+  out = os.path.abspath(settings.out)
+  bindings = [*runs.BACKBONES[settings.backbone], *settings.gin_bindings]
+  cfg = configs(settings.gin_file, bindings)
   pretrained = None
   if cfg["model"].pretrained is not None:
     from levi_jax.checkpoints import backbones
     pretrained = backbones.load_pretrained(cfg["model"].pretrained)
   data = trainer.load_task_data(cfg["data"], trainer.backbone_vocabulary(
       cfg["data"], pretrained, cfg.get("initial_checkpoint_path")))
-  rows = [measure(v, cfg, data, args.steps, args.warmup) for v in args.variants]
-  e2e_steps = cfg["steps"] if args.e2e_steps is None else args.e2e_steps
+  rows = [measure(v, cfg, data, settings.steps, settings.warmup) for v in settings.variants]
+  e2e_steps = cfg["steps"] if settings.e2e_steps is None else settings.e2e_steps
   report = {
       "command": command, "machine": benchmark.machine_info(),
       "config": {"backbone": cfg["model"].backbone,
                  "backbone_overrides": dict(cfg["model"].backbone_overrides),
                  "pretrained": str(cfg["model"].pretrained), "task": cfg["data"].task,
                  "batch_size": cfg["data"].batch_size, "seq_length": cfg["data"].seq_length,
-                 "eval_batch_size": cfg["data"].eval_batch_size, "steps": args.steps,
-                 "warmup": args.warmup, "e2e_steps": e2e_steps},
+                 "eval_batch_size": cfg["data"].eval_batch_size, "steps": settings.steps,
+                 "warmup": settings.warmup, "e2e_steps": e2e_steps},
       "variants": rows,
   }
   if e2e_steps:
-    report["end_to_end"] = end_to_end(cfg, args.gin_file, bindings, e2e_steps,
+    report["end_to_end"] = end_to_end(cfg, settings.gin_file, bindings, e2e_steps,
                                       os.path.join(out, "e2e_work"))
   os.makedirs(out, exist_ok=True)
   md = markdown(report)
@@ -288,13 +289,12 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
   return report
 
 
-def main(argv=None):
-  args = parse_args(argv)
-  command = runs.command_line("efficiency.py", argv)
-  report = run(args, command)
+def main(settings: Settings, command: str):
+  """The command line's run: measures, writes and prints the table."""
+  report = run(settings, command)
   print(report["markdown"])
-  print(f"wrote {args.out}/results.md, results.csv, results.json, results.png")
+  print(f"wrote {settings.out}/results.md, results.csv, results.json, results.png")
 
 
 if __name__ == "__main__":
-  main()
+  cli.main(Settings, main, "efficiency")

@@ -1,33 +1,28 @@
 """The Figure-4 study: which backbone layers LEVI taps -> ID and OOD RMSE.
 
-    python experiments/layer_ablation.py --out experiments/results/layer_ablation \\
+    python -m experiments.layer_ablation --out experiments/results/layer_ablation \\
         --shifts gender_m_to_f --seeds 0,1,2
 
-Trains LEVI with each tap set of `tap_sets` (none, last only, middle only,
-middle + last, every other layer, all layers) on each shift and seed, with
-the base gin files (default `experiments/demo.gin`) and cached backbone taps
-(the backbone is frozen, so every tap set's pooled taps are computed once per
-split and backbone). "none" is the small model alone: the `scratch` method
-(LEVI itself refuses an empty tap set). Writes `results.md`, `runs.csv`,
-`summary.csv` and `results.png` (ID and OOD RMSE per tap set, mean ± std
-over seeds, averaged over shifts) into --out.
+Its grid (`grid`): LEVI with each tap set of `tap_sets` (none, last only,
+middle only, middle + last, every other layer, all layers) on each shift and
+seed, run by `experiments.driver` with the base gin files (default
+`experiments/demo.gin`) and cached backbone taps (the backbone is frozen, so
+every tap set's pooled taps are computed once per split and backbone).
+"none" is the small model alone: the `scratch` method (LEVI itself refuses an
+empty tap set). Each run's MODEL_DIR is `runs/<task>/<tap set>/seed<k>/`.
+Writes `results.md`, `runs.csv`, `summary.csv` and `results.png` (ID and OOD
+RMSE per tap set, mean ± std over seeds, averaged over shifts) into --out.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
-import sys
 from typing import Any, Mapping, Sequence
 
 import gin
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import runs  # noqa: E402
-import sweep  # noqa: E402
-
-from levi_jax import trainer  # noqa: E402
-from levi_jax.models import t5_encoder  # noqa: E402
+from experiments import cli, driver, runs
 
 TAP_SET_NAMES = ("none", "last", "middle", "middle+last", "every_other", "all")
 
@@ -47,8 +42,11 @@ def tap_sets(num_layers: int, names: Sequence[str] = TAP_SET_NAMES) -> dict[str,
 
 def backbone_layers(gin_files: Sequence[str], bindings: Sequence[str]) -> int:
   """The number of layers of the backbone the gin config builds."""
+  from levi_jax import trainer
+  from levi_jax.models import t5_encoder
   runs.parse_base(gin_files, bindings)
   model = gin.get_configurable(trainer.ModelConfig)()
+  gin.clear_config()
   if model.pretrained is not None:
     from levi_jax.checkpoints import backbones
     return backbones.load_pretrained(model.pretrained).module.config.num_layers
@@ -80,6 +78,7 @@ def summarize(records: Sequence[Mapping[str, Any]], names: Sequence[str]) -> lis
 
 
 def markdown(summary: Sequence[Mapping[str, Any]], header: str) -> str:
+  """The results page: one row per tap set (the best OOD in bold)."""
   lines = [header, "", "| tap set | layers | ID RMSE | OOD RMSE | validation RMSE |",
            "|---|---|---|---|---|"]
   best = min(r["ood_mean"] for r in summary)
@@ -93,6 +92,7 @@ def markdown(summary: Sequence[Mapping[str, Any]], header: str) -> str:
 
 
 def chart(summary: Sequence[Mapping[str, Any]], path: str, title: str):
+  """ID and OOD RMSE (mean ± std over seeds) per tap set."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -112,84 +112,62 @@ def chart(summary: Sequence[Mapping[str, Any]], path: str, title: str):
   plt.close(fig)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--out", required=True)
-  p.add_argument("--shifts", default="gender_m_to_f")
-  p.add_argument("--datasets", default=",".join(sweep.DEFAULT_DATASETS))
-  p.add_argument("--seeds", default="0,1,2")
-  p.add_argument("--tap_sets", default=",".join(TAP_SET_NAMES))
-  p.add_argument("--steps", type=int, default=None)
-  p.add_argument("--data_dir", default="")
-  p.add_argument("--backbone", default="config", choices=sorted(runs.BACKBONES),
-                 help="config: as the gin files set it; random; minilm")
-  p.add_argument("--gin_file", action="append", default=None)
-  p.add_argument("--gin", action="append", default=[])
-  p.add_argument("--no_tap_cache", action="store_true")
-  p.add_argument("--runs_dir", default="", help="runs and tap cache (default OUT/runs)")
-  p.add_argument("--multiprocess", action="store_true",
-                 help="call jax.distributed.initialize() first (TPU pods, multi-host GPU)")
-  args = p.parse_args(argv)
-  args.seeds = runs.parse_list(args.seeds, int)
-  args.tap_sets = runs.parse_list(args.tap_sets)
-  args.gin_file = args.gin_file or list(runs.BASE_GIN)
-  return args
+@dataclasses.dataclass(frozen=True)
+class Settings(driver.Settings):
+  """The ablation's flags: the shared ones (`driver.Settings`) and its tap sets."""
+
+  tap_sets: tuple[str, ...] = cli.field(TAP_SET_NAMES, f"tap sets, of {','.join(TAP_SET_NAMES)}")
 
 
-def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
-  out = os.path.abspath(args.out)
-  tasks = sweep.tasks_for(runs.parse_list(args.shifts), runs.parse_list(args.datasets))
-  layers = backbone_layers(args.gin_file, [*runs.BACKBONES[args.backbone], *args.gin])
-  sets = tap_sets(layers, args.tap_sets)
-  runs_dir = os.path.abspath(args.runs_dir or os.path.join(out, "runs"))
-  cache = "" if args.no_tap_cache else os.path.join(runs_dir, "tap_cache")
-  records = []
-  for task in tasks:
-    for seed in args.seeds:
-      for name, taps in sets.items():
-        model_dir = os.path.join(runs_dir, task, name, f"seed{seed}")
-        bindings = runs.run_bindings(model_dir, "levi" if taps else "scratch", task, seed,
-                                     backbone=args.backbone,
-                                     data_dir=args.data_dir, steps=args.steps,
-                                     tap_cache_dir=cache,
-                                     extra=[*args.gin, *tap_bindings(taps)])
-        r = runs.train_run(model_dir, bindings, args.gin_file)
-        m = r["metrics"]
-        print(f"{task} taps {name} {taps} seed {seed}: ID {m['id_test']['rmse']:.4f} "
-              f"OOD {m['ood_test']['rmse']:.4f}", flush=True)
-        records.append({"task": task, "seed": seed, "tap_set": name,
-                        "layers": " ".join(map(str, taps)),
-                        "val_rmse": m["validation"]["rmse"], "id_rmse": m["id_test"]["rmse"],
-                        "ood_rmse": m["ood_test"]["rmse"],
-                        "train_time_s": r["train_time_s"], "wall_time_s": r["wall_time_s"]})
-  summary = summarize(records, list(sets))
+def grid(settings: Settings, tasks: Sequence[str]) -> list[driver.Cell]:
+  """Per shift and seed, one run per tap set (`none`: the scratch method), folders
+  `seed<k>` without a config key."""
+  layers = backbone_layers(settings.gin_file,
+                           [*runs.BACKBONES[settings.backbone], *settings.gin_bindings])
+  sets = tap_sets(layers, settings.tap_sets)
+  return [driver.Cell(task, seed, name, "levi" if taps else "scratch", tuple(tap_bindings(taps)),
+                      {"tap_set": name, "layers": " ".join(map(str, taps)),
+                       "num_layers": layers}, keyed=False)
+          for task in tasks for seed in settings.seeds for name, taps in sets.items()]
+
+
+def records(settings: Settings, run: driver.Run, results: Mapping[str, Any]) -> list[dict]:
+  """One record per run: its tap set and its ID, OOD and validation RMSE."""
+  m, _ = driver.metrics_of(results, settings.early_stopping)
+  labels = run.cell.labels
+  return [{"task": run.cell.task, "seed": run.cell.seed, "tap_set": labels["tap_set"],
+           "layers": labels["layers"], "val_rmse": m["validation"]["rmse"],
+           "id_rmse": m["id_test"]["rmse"], "ood_rmse": m["ood_test"]["rmse"],
+           "train_time_s": results["train_time_s"], "wall_time_s": results["wall_time_s"]}]
+
+
+def report(outcome: driver.Outcome) -> dict[str, Any]:
+  """Writes results.md, runs.csv, summary.csv and results.png; returns
+  {records, summary, markdown, files}."""
+  s, records_ = outcome.settings, outcome.records
+  names = list(dict.fromkeys(r.cell.labels["tap_set"] for r in outcome.plan))
+  layers = outcome.plan[0].cell.labels["num_layers"] if outcome.plan else 0
+  summary = summarize(records_, names)
+  tasks = outcome.tasks
   header = (f"# LEVI tap-set ablation\n\nLEVI with each set of tapped backbone layers "
             f"(0-based, of {layers}); {len(tasks)} shift(s) ({', '.join(tasks)}), seeds "
-            f"{','.join(map(str, args.seeds))}, backbone `{args.backbone}`; base gin "
-            f"{', '.join(args.gin_file)}" + (f"; steps {args.steps}" if args.steps else "")
+            f"{','.join(map(str, s.seeds))}, backbone `{s.backbone}`; base gin "
+            f"{', '.join(s.gin_file)}" + (f"; steps {s.steps}" if s.steps else "")
             + f". Cells: mean ± sample std over seeds of the mean over shifts; the runs "
-            f"took {sum(r['wall_time_s'] for r in records) / 60:.1f} min of wall time in all."
-            f"\n\nCommand: `{command}`")
+            f"took {sum(r['wall_time_s'] for r in records_) / 60:.1f} min of wall time in all."
+            f"\n\nCommand: `{outcome.command}`")
   md = markdown(summary, header)
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(md)
-  runs.write_csv(os.path.join(out, "runs.csv"), records)
-  runs.write_csv(os.path.join(out, "summary.csv"), summary)
+  out = os.path.abspath(s.out)
+  driver.write_tables(out, md, records_, summary)
   chart(summary, os.path.join(out, "results.png"),
-        f"LEVI tap sets ({len(tasks)} shift(s), seeds {','.join(map(str, args.seeds))})")
-  return {"records": records, "summary": summary, "markdown": md}
+        f"LEVI tap sets ({len(tasks)} shift(s), seeds {','.join(map(str, s.seeds))})")
+  return {"records": records_, "summary": summary, "markdown": md,
+          "files": ["results.md", "runs.csv", "summary.csv", "results.png"]}
 
 
-def main(argv=None):
-  args = parse_args(argv)
-  runs.initialize_multiprocess(args.multiprocess)
-  runs.progress_logging()
-  command = runs.command_line("layer_ablation.py", argv)
-  result = run(args, command)
-  print(result["markdown"])
-  print(f"wrote {args.out}/results.md, runs.csv, summary.csv, results.png")
+STUDY = driver.Study(module="layer_ablation", settings=Settings, grid=grid, records=records,
+                     report=report, methods=("levi", "scratch"))
 
 
 if __name__ == "__main__":
-  main()
+  driver.main(STUDY)

@@ -1,11 +1,12 @@
 """Pre-trains the demo's small T5 encoder on the synthetic world's pre-training corpus.
 
-    python experiments/pretrain_synthetic.py --out experiments/checkpoints/synthetic_t5_small
+    python -m experiments.pretrain_synthetic --out experiments/checkpoints/synthetic_t5_small
 
 The demo has no network, so it cannot download T5 weights. This gives it a
 backbone that is honestly pre-trained and, as the paper's setting requires,
 carries a pre-training bias: the T5 1.1 architecture with the demo's sizes
-(`BACKBONE`, `OVERRIDES`; the fine-tuning world's SentencePiece vocabulary,
+(`demo_backbone`, read from `gin/models/synthetic_t5_small.gin`, the one
+place they are set; the fine-tuning world's SentencePiece vocabulary,
 which the corpus shares) is trained end to end (`ft`: backbone, mean-pooled
 final output, linear head) to predict the ratings of `pretrain_corpus.all`,
 where a prestige word in a film's title goes with a higher rating
@@ -24,15 +25,12 @@ batches are a function of (seed, step) and the init of the seed.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import os
 import re
-import shlex
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any
@@ -40,13 +38,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from levi_jax import checkpointing, pretrained, trainer
+from experiments import cli
+from levi_jax import checkpointing, gin_utils, pretrained, trainer
 from levi_jax.checkpointing import CheckpointConfig
 from levi_jax.optim import OptimizerConfig
 from levi_jax.data import synthetic
 
-BACKBONE = "t5_1_1_small"
-OVERRIDES = {"emb_dim": 128, "num_heads": 4, "head_dim": 32, "mlp_dim": 256, "num_layers": 4}
+DEMO_MODEL_GIN = "models/synthetic_t5_small.gin"
 TASK = "pretrain_corpus.all"
 PROBE_TASK = "movielens_100k.gender_m_to_f"
 SEQ_LENGTH = 48
@@ -76,12 +74,27 @@ class PretrainConfig:
   log_every: int = 5
 
 
+def demo_backbone() -> tuple[str, dict[str, int]]:
+  """The demo's backbone preset and sizes, as `DEMO_MODEL_GIN` binds them; its
+  `vocab_size` is left out (the world's SentencePiece model sets it)."""
+  import gin
+  gin.clear_config()
+  gin.parse_config_file(gin_utils.resolve_gin_file(DEMO_MODEL_GIN, gin_utils.GIN_SEARCH_PATHS))
+  backbone = gin.query_parameter("%BACKBONE")
+  overrides = dict(gin.query_parameter("trainer.ModelConfig.backbone_overrides"))
+  gin.clear_config()
+  overrides.pop("vocab_size", None)
+  return backbone, overrides
+
+
 def model_config() -> trainer.ModelConfig:
   """The probe the backbone is pre-trained in (all of it trains)."""
-  return trainer.ModelConfig(method="ft", backbone=BACKBONE, backbone_overrides=OVERRIDES)
+  backbone, overrides = demo_backbone()
+  return trainer.ModelConfig(method="ft", backbone=backbone, backbone_overrides=overrides)
 
 
 def data_config(cfg: PretrainConfig, task: str = TASK) -> trainer.DataConfig:
+  """The pre-training data (or, with `task`, a probe's) at the demo's sequence length."""
   return trainer.DataConfig(task=task, data_dir=cfg.data_dir, batch_size=cfg.batch_size,
                             seq_length=SEQ_LENGTH, seed=cfg.seed)
 
@@ -144,10 +157,11 @@ def pretrain(out: str, cfg: PretrainConfig = PretrainConfig(), measure: bool = T
   checkpointing.save_tree(out, tree)
   vocab_record = pretrained.attach_vocabulary(out, vocab)
   digest, per_array = batches_digest(data, cfg)
+  backbone, overrides = demo_backbone()
   manifest = {
       "command": command,
       "config": dataclasses.asdict(cfg),
-      "task": TASK, "backbone": BACKBONE, "backbone_overrides": OVERRIDES,
+      "task": TASK, "backbone": backbone, "backbone_overrides": overrides,
       "seq_length": SEQ_LENGTH, "vocab_size": data.vocab_size,
       "vocabulary_sha256": vocab_record["sha256"],
       "first_batches_sha256": digest,
@@ -216,19 +230,18 @@ def prestige_effect(path: str, task: str = PROBE_TASK, data_dir: str = "",
           "counterfactual": float((pred - pred_swapped)[prestige].mean())}
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--out", required=True, help="checkpoint folder to write (and <out>.json)")
-  defaults = PretrainConfig()
-  for f in dataclasses.fields(PretrainConfig):
-    p.add_argument(f"--{f.name}", type=type(getattr(defaults, f.name)),
-                   default=getattr(defaults, f.name))
-  p.add_argument("--no_measure", action="store_true", help="skip the prestige measurement")
-  args = p.parse_args(argv)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(PretrainConfig):
+  """The flags: the checkpoint folder, `PretrainConfig`'s fields, and the measurement."""
+
+  out: str = cli.field(help="checkpoint folder to write (and <out>.json)")
+  no_measure: bool = cli.field(False, "skip the prestige measurement")
+
+
+def main(args: Settings, command: str):
+  """The command line's run: pre-trains, writes the checkpoint and its manifest."""
   cfg = PretrainConfig(**{f.name: getattr(args, f.name)
                           for f in dataclasses.fields(PretrainConfig)})
-  command = "python experiments/pretrain_synthetic.py " + " ".join(
-      shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
   t0 = time.time()
   manifest = pretrain(args.out, cfg, measure=not args.no_measure, command=command)
   m = manifest["metrics"]
@@ -241,4 +254,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.main(Settings, main, "pretrain_synthetic")

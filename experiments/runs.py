@@ -3,7 +3,7 @@
 A run is `trainer.train` configured the T5X way: the experiment's base gin
 files (default `experiments/demo.gin`, the settings of `make demo`), then the
 run's own bindings (MODEL_DIR, METHOD, TASK, DATA_DIR, seeds, backbone, tap
-cache, anything from `--gin`). A run whose MODEL_DIR already holds
+cache, anything from `--gin.NAME=VALUE`). A run whose MODEL_DIR already holds
 `results.json` is not trained again, so an interrupted experiment resumes.
 """
 
@@ -13,7 +13,6 @@ import csv
 import dataclasses
 import json
 import os
-import shlex
 import shutil
 import sys
 from typing import Any, Iterable, Mapping, Sequence
@@ -142,17 +141,6 @@ def write_csv(path: str, rows: Sequence[Mapping[str, Any]]):
     w = csv.DictWriter(f, fieldnames=fields)
     w.writeheader()
     w.writerows(rows)
-
-
-def read_csv(path: str) -> list[dict[str, str]]:
-  with open(path, newline="") as f:
-    return list(csv.DictReader(f))
-
-
-def command_line(script: str, argv: Sequence[str] | None = None) -> str:
-  """The command that ran `script` with `argv` (default: this process's arguments)."""
-  return f"python experiments/{script} " + " ".join(
-      shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
 
 def progress_logging():

@@ -1,12 +1,16 @@
 """The Figure-1 study: methods x shifts x seeds -> ID and OOD RMSE, ranks, LEVI vs FT.
 
-    python experiments/sweep.py --out experiments/results/sweep \\
+    python -m experiments.sweep --out experiments/results/sweep \\
         --shifts gender_m_to_f,age_young_to_old --seeds 0,1,2
-    python experiments/sweep.py --out /tmp/sweep_all --shifts all --lora
-    python experiments/sweep.py --out /tmp/ml1m --data_dir /data/ml-1m-raw \\
+    python -m experiments.sweep --out /tmp/sweep_all --shifts all --lora
+    python -m experiments.sweep --out /tmp/ml1m --data_dir /data/ml-1m-raw \\
         --datasets movielens_1m --shifts all
 
-Each run is `trainer.train` with the base gin files (default
+Its grid (`grid`): one run per shift, seed and trained run of the table's
+columns (`run_of`), run by `experiments.driver` (resume, --restrict,
+--lr_grid, --epochs, --oov_dropout, the whole grid checked before the first
+run). The real-data study is this grid on raw data (`--data_dir`,
+`--datasets`). Each run is `trainer.train` with the base gin files (default
 `experiments/demo.gin`: the demo's backbone, pre-trained on the synthetic
 world's corpus, its steps and learning rate) plus the run's bindings
 (`runs.run_bindings`). Writes into --out:
@@ -19,15 +23,13 @@ world's corpus, its steps and learning rate) plus the run's bindings
   per shift and method).
 * `results.png`: OOD RMSE relative to FT per shift and method, and the mean
   ranks.
-* `runs/<task>/<method>/seed<k>-<key>/` (or under --runs_dir): each run's
-  MODEL_DIR (results.json, metrics.jsonl, config.gin), and `tap_cache/`;
-  `<key>` hashes the run's resolved gin config (`run_key`), so finished
-  runs of the same configuration are reused (a sweep resumes) and a changed
-  `--gin`/`--steps` trains anew.
+* `figure1.json`: the Figure-1 answers, ranks, references and collapsed runs.
+* `runs/<task>/<run>/seed<k>-<key>/` (or under --runs_dir): each run's
+  MODEL_DIR (results.json, metrics.jsonl, config.gin), and `tap_cache/`
+  (`driver.run_key`).
 
-The whole grid is checked before the first run (`validate_grid`); the
-classical references (`reference_baselines`) are unranked columns, and a run
-that collapsed to a constant prediction is flagged (`is_collapsed`).
+The classical references (`reference_baselines`) are unranked columns, and a
+run that collapsed to a constant prediction is flagged (`is_collapsed`).
 
 LP-FT and WiSE-FT come from one `wiseft` run: it trains exactly as `lpft`
 (LP stage, then FT from there) and also keeps the LP-stage weights, so its
@@ -40,19 +42,14 @@ Ensemble) read cached backbone taps (`levi_jax.tap_cache`) unless
 
 from __future__ import annotations
 
-import argparse
-import hashlib
+import dataclasses
 import json
 import os
-import sys
-import time
 from typing import Any, Mapping, Sequence
 
-import gin
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import runs  # noqa: E402
+from experiments import cli, driver, runs
 
 # Table columns: (label, method that is trained, how its number is read).
 MEAN_COLUMN = "train mean"
@@ -70,24 +67,10 @@ def run_of(column: str) -> tuple[str, str, tuple[str, ...]]:
   """(run name, method, extra bindings) of the run that feeds `column`."""
   name, extra = VARIANTS.get(column, (COLUMNS[column], ()))
   return name, COLUMNS[column], extra
+
+
 DEFAULT_COLUMNS = ("FT", "LP", "LP-FT", "WiSE-FT", "Scratch", "Ensemble", "LEVI")
 LORA_COLUMNS = ("LoRA", "LEVI+LoRA")
-DEFAULT_DATASETS = ("movielens_100k", "amazon_2018")
-
-
-def tasks_for(shifts: Sequence[str], datasets: Sequence[str]) -> list[str]:
-  """Task names: `all` = every shift of `datasets`; a shift name is looked up in them."""
-  from levi_jax import input_pipeline
-  known = input_pipeline.task_names()
-  if list(shifts) == ["all"]:
-    return [t for d in datasets for t in known if t.startswith(d + ".")]
-  out = []
-  for s in shifts:
-    matches = [s] if s in known else [f"{d}.{s}" for d in datasets if f"{d}.{s}" in known]
-    if not matches:
-      input_pipeline.lookup_task(f"{datasets[0]}.{s}")  # raises, naming close matches
-    out += matches
-  return out
 
 
 def records_of(results: Mapping[str, Any], task: str, seed: int,
@@ -110,10 +93,7 @@ def records_of(results: Mapping[str, Any], task: str, seed: int,
   for col in columns:
     if COLUMNS[col] != results["method"]:
       continue
-    m, extra = results["metrics"], {}
-    if early_stopping and "best_validation" in results and col != "WiSE-FT":
-      m = results["best_validation"]["metrics"]
-      extra = {"best_step": results["best_validation"]["step"]}
+    m, extra = driver.metrics_of(results, early_stopping and col != "WiSE-FT")
     if col == "WiSE-FT":
       alpha, m = min(results["wise_ft"].items(), key=lambda kv: kv[1]["validation"]["rmse"])
       extra = {"wise_alpha": float(alpha)}
@@ -326,8 +306,17 @@ def markdown(summary: Sequence[Mapping[str, Any]], columns: Sequence[str], heade
   baselines = baselines or {}
   ref_cols = [c for c in REFERENCES.values() if any(c in b for b in baselines.values())]
   collapsed = {(r["task"], r["column"]) for r in records if r.get("collapsed")}
-  lines = [header, "",
-           "Cells: ID-test RMSE / OOD-test RMSE, mean ± sample std over seeds "
+  lines = [header, "", *_results_table(summary, cols, ref_cols, baselines, collapsed), "",
+           *_findings(summary),
+           *_figure1_section(figure1_answer(summary, id_tolerance, records, baselines), table,
+                             cols, ref_cols, baselines, collapsed, id_tolerance)]
+  return "\n".join(lines) + "\n"
+
+
+def _results_table(summary, cols, ref_cols, baselines, collapsed) -> list[str]:
+  """The table's lines: one row per shift (ID / OOD cells), then the average ranks."""
+  table = _table(summary)
+  lines = ["Cells: ID-test RMSE / OOD-test RMSE, mean ± sample std over seeds "
            "(lower is better; **bold**: the best OOD of the row; †: at least one seed collapsed "
            "to a constant prediction)"
            + (f"; {', '.join(f'`{c}`' for c in ref_cols)}: classical references fitted on the "
@@ -359,13 +348,17 @@ def markdown(summary: Sequence[Mapping[str, Any]], columns: Sequence[str], heade
     if ranks:
       lines.append(f"| average {name} rank | " + " | ".join(
           f"{ranks[c]:.2f}" if c in ranks else "-" for c in cols) + " |")
-  lines.append("")
+  return lines
+
+
+def _findings(summary) -> list[str]:
+  """LEVI vs FT, the learning rates chosen and the LEVI variant chosen, each a paragraph."""
+  lines = []
   imp = improvement(summary)
   if imp["shifts"]:
     spread = f" (std over shifts {imp['std']:.2f}%)" if imp["shifts"] > 1 else ""
-    lines.append(f"**LEVI vs FT, OOD:** mean relative RMSE reduction {imp['mean']:+.2f}%"
-                 f"{spread}, LEVI lower on {imp['wins']} of {imp['shifts']} shifts.")
-    lines.append("")
+    lines += [f"**LEVI vs FT, OOD:** mean relative RMSE reduction {imp['mean']:+.2f}%"
+              f"{spread}, LEVI lower on {imp['wins']} of {imp['shifts']} shifts.", ""]
   chosen = [(r["task"], r["column"], r["learning_rate"]) for r in summary
              if r.get("learning_rate") not in (None, "gin")]
   if chosen:
@@ -378,41 +371,47 @@ def markdown(summary: Sequence[Mapping[str, Any]], columns: Sequence[str], heade
               ", ".join(f"{v} {x:.4f}" for v, x in sorted(
                   variant["mean_validation_rmse"].items(), key=lambda kv: kv[1])) +
               f"; chosen: **{variant['chosen']}**.", ""]
-  answer = figure1_answer(summary, id_tolerance, records, baselines)
-  if answer:
-    n = len(answer)
-    count = lambda k: sum(bool(a.get(k)) for a in answer.values())
-    with_ft = sum(a["ft_worst"] is not None for a in answer.values())
-    lines += [
-        "## The Figure-1 question, as measured", "",
-        f"* FT's OOD error above both LP's and Scratch's: {count('ft_worst')} of {with_ft} "
-        "shifts with FT.",
-        f"* LEVI's OOD error below every baseline's (the columns that are not LEVI "
-        f"variants): {count('levi_best_ood')} of {n}.",
-        *([f"* ... and below every classical reference's too: "
-           f"{sum(bool(a['levi_best_ood'] and a['levi_beats_references']) for a in answer.values())}"
-           f" of {n}; LEVI below the best reference alone: {count('levi_beats_references')} "
-           f"of {n}."] if any("levi_beats_references" in a for a in answer.values()) else []),
-        f"* LEVI's ID error within {100 * id_tolerance:.0f}% of the best ID: "
-        f"{count('levi_id_ok')} of {n}.",
-        *([f"* OOD error below the `{ref}` reference's (shifts below / shifts run): " +
-           ", ".join(f"{c} {k}/{m}" for c, (k, m) in
-                     beats_reference(table, baselines, cols, ref).items()) + "."
-           for ref in ref_cols]),
-        *([f"* Collapsed runs (constant predictions), flagged †: {len(collapsed)} "
-           f"(shift, method) cells."] if collapsed else []), "",
-        "| shift | FT OOD worse than LP and Scratch | LEVI best OOD (margin to the best other) "
-        "| seeds LEVI OOD < best other | seeds LEVI OOD < FT | LEVI ID vs best ID |",
-        "|---|---|---|---|---|---|"]
-    wins = lambda a, k: "{}/{}".format(*a[k]) if k in a else "-"
-    yes_no = lambda v: "-" if v is None else ("yes" if v else "no")
-    for task, a in sorted(answer.items()):
-      lines.append(f"| {task} | {yes_no(a['ft_worst'])} | "
-                   f"{'yes' if a['levi_best_ood'] else 'no'} ({a['levi_ood_margin']:+.4f} vs "
-                   f"{a['best_other_ood']}) | {wins(a, 'seeds_levi_beats_best_other')} | "
-                   f"{wins(a, 'seeds_levi_beats_ft')} | {100 * a['levi_id_gap']:+.1f}% |")
-    lines.append("")
-  return "\n".join(lines) + "\n"
+  return lines
+
+
+def _figure1_section(answer, table, cols, ref_cols, baselines, collapsed, id_tolerance
+                     ) -> list[str]:
+  """The Figure-1 question, as measured: the counts, then one row per shift."""
+  if not answer:
+    return []
+  n = len(answer)
+  count = lambda k: sum(bool(a.get(k)) for a in answer.values())
+  with_ft = sum(a["ft_worst"] is not None for a in answer.values())
+  lines = [
+      "## The Figure-1 question, as measured", "",
+      f"* FT's OOD error above both LP's and Scratch's: {count('ft_worst')} of {with_ft} "
+      "shifts with FT.",
+      f"* LEVI's OOD error below every baseline's (the columns that are not LEVI "
+      f"variants): {count('levi_best_ood')} of {n}.",
+      *([f"* ... and below every classical reference's too: "
+         f"{sum(bool(a['levi_best_ood'] and a['levi_beats_references']) for a in answer.values())}"
+         f" of {n}; LEVI below the best reference alone: {count('levi_beats_references')} "
+         f"of {n}."] if any("levi_beats_references" in a for a in answer.values()) else []),
+      f"* LEVI's ID error within {100 * id_tolerance:.0f}% of the best ID: "
+      f"{count('levi_id_ok')} of {n}.",
+      *([f"* OOD error below the `{ref}` reference's (shifts below / shifts run): " +
+         ", ".join(f"{c} {k}/{m}" for c, (k, m) in
+                   beats_reference(table, baselines, cols, ref).items()) + "."
+         for ref in ref_cols]),
+      *([f"* Collapsed runs (constant predictions), flagged †: {len(collapsed)} "
+         f"(shift, method) cells."] if collapsed else []), "",
+      "| shift | FT OOD worse than LP and Scratch | LEVI best OOD (margin to the best other) "
+      "| seeds LEVI OOD < best other | seeds LEVI OOD < FT | LEVI ID vs best ID |",
+      "|---|---|---|---|---|---|"]
+  wins = lambda a, k: "{}/{}".format(*a[k]) if k in a else "-"
+  yes_no = lambda v: "-" if v is None else ("yes" if v else "no")
+  for task, a in sorted(answer.items()):
+    lines.append(f"| {task} | {yes_no(a['ft_worst'])} | "
+                 f"{'yes' if a['levi_best_ood'] else 'no'} ({a['levi_ood_margin']:+.4f} vs "
+                 f"{a['best_other_ood']}) | {wins(a, 'seeds_levi_beats_best_other')} | "
+                 f"{wins(a, 'seeds_levi_beats_ft')} | {100 * a['levi_id_gap']:+.1f}% |")
+  lines.append("")
+  return lines
 
 
 def references_markdown(baselines: Mapping[str, Mapping[str, Mapping[str, Any]]],
@@ -478,250 +477,98 @@ def chart(summary: Sequence[Mapping[str, Any]], columns: Sequence[str], path: st
   plt.close(fig)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--out", required=True, help="results folder")
-  p.add_argument("--shifts", default="gender_m_to_f",
-                 help="comma-separated shift (or task) names, or 'all'")
-  p.add_argument("--datasets", default=",".join(DEFAULT_DATASETS),
-                 help="datasets whose shifts --shifts names")
-  p.add_argument("--seeds", default="0,1,2")
-  p.add_argument("--columns", default=",".join(DEFAULT_COLUMNS),
-                 help=f"table columns, of {','.join(COLUMNS)}")
-  p.add_argument("--lora", action="store_true", help="add the LoRA and LEVI+LoRA columns")
-  p.add_argument("--steps", type=int, default=None, help="TRAIN_STEPS (default: the gin's)")
-  p.add_argument("--data_dir", default="", help="raw data folder ('' = the synthetic world)")
-  p.add_argument("--backbone", default="config", choices=sorted(runs.BACKBONES),
-                 help="config: as the gin files set it; random; minilm")
-  p.add_argument("--gin_file", action="append", default=None,
-                 help=f"base gin files (default {runs.BASE_GIN[0]})")
-  p.add_argument("--gin", action="append", default=[], help="extra gin binding")
-  p.add_argument("--no_tap_cache", action="store_true")
-  p.add_argument("--oov_dropout", type=float, default=0.0,
-                 help="train the small model with this share of known feature ids set to OOV "
-                      "(runs.oov_dropout); its runs go to METHOD+oov<rate>/")
-  p.add_argument("--id_tolerance", type=float, default=0.03)
-  p.add_argument("--lr_grid", default="",
-                 help="per-method learning-rate grids, chosen on validation: "
-                      "'ft,lora=1e-5,1e-4,3e-4;default=3e-4,1e-3,3e-3' ('' = the gin's)")
-  p.add_argument("--epochs", type=float, default=0.0,
-                 help="train every run this many epochs of its shift's training split "
-                      "(overrides --steps)")
-  p.add_argument("--evals_per_epoch", type=float, default=2.0,
-                 help="with --epochs: periodic evaluations per epoch")
-  p.add_argument("--early_stopping", action="store_true",
-                 help="report each run's best-validation evaluation, not its last")
-  p.add_argument("--references_only", action="store_true",
-                 help="fit and report the classical references only (no training)")
-  p.add_argument("--restrict", default="",
-                 help="run some methods on part of the grid only, e.g. 'ft=gender_m_to_f,"
-                      "time_later@0;levi_aux=gender_m_to_f' (a run, as named in the runs folder: "
-                      "shifts, then @seeds); for expensive methods on a CPU")
-  p.add_argument("--report_only", action="store_true",
-                 help="train nothing: report the finished runs of the grid (an interim look "
-                      "at a study in progress; the header counts the runs left out)")
-  p.add_argument("--keep_checkpoints", action="store_true")
-  p.add_argument("--runs_dir", default="",
-                 help="where each run's MODEL_DIR and the tap cache go (default OUT/runs); "
-                      "sweeps sharing it reuse each other's runs")
-  p.add_argument("--multiprocess", action="store_true",
-                 help="call jax.distributed.initialize() first (TPU pods, multi-host GPU)")
-  args = p.parse_args(argv)
-  args.columns = runs.parse_list(args.columns) + (list(LORA_COLUMNS) if args.lora else [])
-  unknown = set(args.columns) - set(COLUMNS)
-  if unknown:
-    p.error(f"unknown columns {sorted(unknown)}; expected some of {list(COLUMNS)}")
-  args.seeds = runs.parse_list(args.seeds, int)
-  args.gin_file = args.gin_file or list(runs.BASE_GIN)
-  return args
 
 
-def parse_lr_grid(text: str, methods: Sequence[str]) -> dict[str, list[float]]:
-  """'ft=1e-5,1e-4;levi,lp=3e-4,1e-3' -> {method: [lr, ...]}; `default=` covers the rest."""
-  grid: dict[str, list[float]] = {}
-  for part in text.split(";"):
-    if not part.strip():
-      continue
-    names, _, values = part.partition("=")
-    lrs = runs.parse_list(values, float)
-    if not lrs:
-      raise ValueError(f"--lr_grid {text!r}: no learning rates in {part!r}")
-    for name in runs.parse_list(names):
-      if name != "default" and name not in COLUMNS.values():
-        raise ValueError(f"--lr_grid: unknown method {name!r}; expected some of "
-                         f"{sorted(set(COLUMNS.values()))} or 'default'")
-      grid[name] = lrs
-  return {m: grid.get(m, grid.get("default", [])) for m in methods}
+@dataclasses.dataclass(frozen=True)
+class Settings(driver.Settings):
+  """The sweep's flags: the shared ones (`driver.Settings`) and its table's."""
+
+  columns: tuple[str, ...] = cli.field(DEFAULT_COLUMNS, f"table columns, of {','.join(COLUMNS)}")
+  lora: bool = cli.field(False, "add the LoRA and LEVI+LoRA columns")
+  id_tolerance: float = cli.field(0.03, "LEVI's ID RMSE counts as fine within this share of "
+                                        "the best ID RMSE")
+  references_only: bool = cli.field(False, "fit and report the classical references only "
+                                           "(no training)")
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.lora:
+      object.__setattr__(self, "columns", (*self.columns, *(
+          c for c in LORA_COLUMNS if c not in self.columns)))
+    unknown = set(self.columns) - set(COLUMNS)
+    if unknown:
+      raise ValueError(f"unknown columns {sorted(unknown)}; expected some of {list(COLUMNS)}")
 
 
-def parse_restrict(text: str, run_names: Sequence[str]
-                   ) -> dict[str, tuple[set[str], set[int] | None]]:
-  """'ft=gender_m_to_f,time_later@0,1;levi_aux=time_later' -> {run: (shifts, seeds or None)}.
-
-  Runs are named as in the runs folder: the method (`ft`), or a variant column's
-  run (`levi_layerwise`, `levi_aux`). A shift is named without or with its
-  dataset; runs not named run everywhere.
-  """
-  out: dict[str, tuple[set[str], set[int] | None]] = {}
-  for part in text.split(";"):
-    if not part.strip():
-      continue
-    name, eq, rest = part.partition("=")
-    name = name.strip()
-    if not eq:
-      raise ValueError(f"--restrict {text!r}: expected RUN=SHIFT,...[@SEED,...]; got {part!r}")
-    if name not in run_names:
-      raise ValueError(f"--restrict: {name!r} is not a run of this sweep; expected one of "
-                       f"{list(run_names)}")
-    shifts, _, seeds = rest.partition("@")
-    out[name] = (set(runs.parse_list(shifts)),
-                 set(runs.parse_list(seeds, int)) if seeds.strip() else None)
-    if not out[name][0]:
-      raise ValueError(f"--restrict: no shifts for {name!r} in {part!r}")
-  return out
+def grid(settings: Settings, tasks: Sequence[str]) -> list[driver.Cell]:
+  """Per shift and seed, one run per trained run of the columns (LP-FT and WiSE-FT share
+  the `wiseft` run; a variant column is a run of its own); none with --references_only."""
+  if settings.references_only:
+    return []
+  trained: dict[str, tuple[str, tuple[str, ...], list[str]]] = {}  # run -> method, bindings, cols
+  for c in settings.columns:
+    name, method, extra = run_of(c)
+    trained.setdefault(name, (method, extra, []))[2].append(c)
+  return [driver.Cell(task, seed, name, method, extra, {"columns": tuple(cols)},
+                      tap_cache=method in runs.TAP_CACHE_METHODS)
+          for task in tasks for seed in settings.seeds
+          for name, (method, extra, cols) in trained.items()]
 
 
-def restricted_out(restrict: Mapping[str, tuple[set[str], set[int] | None]], run_name: str,
-                   task: str, seed: int) -> bool:
-  """Whether `--restrict` leaves (run, task, seed) out of the grid."""
-  if run_name not in restrict:
-    return False
-  shifts, seeds = restrict[run_name]
-  return (task not in shifts and task.split(".", 1)[1] not in shifts) or (
-      seeds is not None and seed not in seeds)
+def records(settings: Settings, run: driver.Run, results: Mapping[str, Any]
+            ) -> list[dict[str, Any]]:
+  """The records of the columns the run feeds, with its learning rate and steps."""
+  lr = run.learning_rate
+  hparams = {"learning_rate": lr if lr is not None else "gin", "steps": run.steps or "gin"}
+  return records_of(results, run.cell.task, run.cell.seed, run.cell.labels["columns"],
+                    settings.early_stopping, hparams)
 
 
-def epochs_to_steps(task: str, data_dir: str, epochs: float, batch_size: int) -> int:
-  """Training steps for `epochs` passes over the task's training split."""
-  from levi_jax import input_pipeline
-  rows = len(input_pipeline.prepare(task, data_dir or None).rows("train"))
-  return max(1, int(round(epochs * rows / batch_size)))
+def _header(s: Settings, outcome: driver.Outcome, records: Sequence[Mapping[str, Any]]) -> str:
+  """The results page's title, settings line and command."""
+  run_time = sum(r["wall_time_s"] or 0.0 for r in records if r["column"] != "WiSE-FT")
+  missing = outcome.missing
+  return (f"# Methods x shifts: ID and OOD RMSE\n\n"
+          f"{len(outcome.tasks)} shifts x {len({run_of(c)[0] for c in s.columns})} trained runs "
+          f"x seeds {','.join(map(str, s.seeds))}; backbone `{s.backbone}`; data_dir "
+          f"`{s.data_dir or 'of the gin (demo: the synthetic world)'}`; base gin "
+          f"{', '.join(s.gin_file)}"
+          + (f"; steps {s.steps}" if s.steps else "")
+          + (f"; bindings {list(s.gin_bindings)}" if s.gin_bindings else "")
+          + (f"; small-model OOV dropout {s.oov_dropout:g}" if s.oov_dropout else "")
+          + (f"; learning rate per method and shift chosen on validation (mean over seeds) "
+             f"from {s.lr_grid!r}" if s.lr_grid else "")
+          + (f"; restricted: {s.restrict!r} (those methods ran only there)"
+             if s.restrict else "")
+          + (f"; {s.epochs:g} epochs per run, evaluated {s.evals_per_epoch:g}x per epoch"
+             if s.epochs else "")
+          + ("; numbers from each run's best-validation evaluation (early stopping)"
+             if s.early_stopping else "")
+          + f"; the runs took {run_time / 60:.0f} min of wall time in all."
+          + (f" **Interim report (--report_only): {len(missing)} of {len(outcome.plan)} runs "
+             "not finished yet are left out.**" if missing else "")
+          + f"\n\nCommand: `{outcome.command}`")
 
 
-def validate_grid(tasks: Sequence[str], data_dir: str, implicit: bool) -> list[str]:
-  """The tasks whose data exist, checked before the first run.
-
-  `implicit` (shift names given without their dataset): a dataset whose files
-  are missing from `data_dir` is left out with a note, as long as another has
-  them; an explicitly named task with missing data is an error, as is a grid
-  left empty.
-  """
-  from levi_jax import input_pipeline
-  kept, missing = [], {}
-  for task in tasks:
-    try:
-      input_pipeline.prepare(task, data_dir or None)
-      kept.append(task)
-    except input_pipeline.MissingFilesError as e:
-      missing[task] = e
-  if missing and (not implicit or not kept):
-    raise ValueError("the grid names tasks whose data are missing from "
-                     f"{data_dir or 'the default data dir'}: " +
-                     "; ".join(f"{t}: {e}" for t, e in missing.items()))
-  for task in missing:
-    print(f"note: {task} left out: its dataset's files are not in {data_dir}", flush=True)
-  return kept
-
-
-def run_key(gin_files: Sequence[str], bindings: Sequence[str], oov: float) -> str:
-  """A short hash of what a run is: its resolved gin config (gin files, the files they
-  include, bindings; not its MODEL_DIR) and its OOV-dropout rate.
-
-  Finished runs are reused only under the same key, so a sweep with other
-  `--gin`/`--steps` settings, or after an edit of an included gin file, in the
-  same --runs_dir trains anew.
-  """
-  runs.parse_base(gin_files, [b for b in bindings if not b.startswith("MODEL_DIR")])
-  config = gin.config_str()
-  gin.clear_config()
-  return hashlib.sha256(f"{config}\noov={oov:g}".encode()).hexdigest()[:10]
-
-
-def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
-  """Runs the sweep and writes the outputs; returns {records, summary, markdown}."""
-  out = os.path.abspath(args.out)
-  runs_dir = os.path.abspath(args.runs_dir or os.path.join(out, "runs"))
-  shifts = runs.parse_list(args.shifts)
-  data_dir = args.data_dir
-  if not data_dir:  # the base gin files' DATA_DIR ('' there: the synthetic world)
-    runs.parse_base(args.gin_file, args.gin)
-    data_dir = gin.query_parameter("%DATA_DIR") or ""
-    gin.clear_config()
-  tasks = tasks_for(shifts, runs.parse_list(args.datasets))
-  tasks = validate_grid(tasks, data_dir, implicit=not all("." in s for s in shifts))
-  baselines = {task: reference_baselines(task, data_dir) for task in tasks}
-  if args.references_only:
-    md = references_markdown(baselines, f"# Classical references on {len(tasks)} shifts\n\n"
-                             f"data_dir `{args.data_dir or 'the synthetic world'}`.\n\n"
-                             f"Command: `{command}`")
+def report(outcome: driver.Outcome) -> dict[str, Any]:
+  """Writes results.md, figure1.json and (unless --references_only) runs.csv,
+  summary.csv and results.png; returns {records, all_records, summary, markdown, ...}."""
+  s, baselines = outcome.settings, outcome.prepared
+  out = os.path.abspath(s.out)
+  if s.references_only:
+    md = references_markdown(baselines, f"# Classical references on {len(outcome.tasks)} "
+                             f"shifts\n\ndata_dir `{s.data_dir or 'the synthetic world'}`.\n\n"
+                             f"Command: `{outcome.command}`")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.md"), "w") as f:
       f.write(md)
     with open(os.path.join(out, "figure1.json"), "w") as f:
       json.dump({"references": baselines}, f, indent=1)
-    return {"records": [], "summary": [], "markdown": md, "baselines": baselines}
-  plan: dict[str, tuple[str, tuple[str, ...], list[str]]] = {}  # run name -> method, ...
-  for c in args.columns:
-    name, method, extra = run_of(c)
-    plan.setdefault(name, (method, extra, []))[2].append(c)
-  methods = list(dict.fromkeys(m for m, _, _ in plan.values()))
-  grid = parse_lr_grid(args.lr_grid, methods)
-  restrict = parse_restrict(args.restrict, list(plan))
-  from levi_jax import input_pipeline
-  known = input_pipeline.task_names()  # a restriction may name shifts another invocation runs
-  for name, (shifts_of, _) in restrict.items():
-    unknown = {x for x in shifts_of if x not in known and not any(
-        t.split(".", 1)[1] == x for t in known)}
-    if unknown:
-      raise ValueError(f"--restrict: {name} names unknown shifts: {sorted(unknown)}")
-  batch_size = None
-  if args.epochs:
-    runs.parse_base(args.gin_file, args.gin)
-    batch_size = int(gin.query_parameter("%BATCH_SIZE"))
-    gin.clear_config()
-  cache = "" if args.no_tap_cache else os.path.join(runs_dir, "tap_cache")
-  all_records, missing = [], []
-  total = sum(len(grid[m]) or 1 for task in tasks for seed in args.seeds
-              for name, (m, _, _) in plan.items()
-              if not restricted_out(restrict, name, task, seed))
-  k = 0
-  for task in tasks:
-    steps, schedule = args.steps, []
-    if args.epochs:
-      steps = epochs_to_steps(task, data_dir, args.epochs, batch_size)
-      schedule = [f"trainer.LoopConfig.eval_every = "
-                  f"{max(1, steps // max(1, round(args.epochs * args.evals_per_epoch)))}"]
-    for seed in args.seeds:
-      for run_name, (method, variant, run_columns) in plan.items():
-        if restricted_out(restrict, run_name, task, seed):
-          continue
-        for lr in grid[method] or [None]:
-          k += 1
-          oov = args.oov_dropout if method in runs.FEATURE_METHODS else 0.0
-          name = f"{run_name}+oov{oov:g}" if oov else run_name
-          bindings = runs.run_bindings(
-              "", method, task, seed, backbone=args.backbone, data_dir=args.data_dir,
-              steps=steps, tap_cache_dir=cache if method in runs.TAP_CACHE_METHODS else "",
-              extra=[*schedule, *([f"LEARNING_RATE = {lr!r}"] if lr is not None else []),
-                     *variant, *args.gin])
-          model_dir = os.path.join(runs_dir, task, name,
-                                   f"seed{seed}-{run_key(args.gin_file, bindings, oov)}")
-          bindings[0] = f"MODEL_DIR = '{model_dir}'"
-          t = time.time()
-          if args.report_only and not os.path.isfile(os.path.join(model_dir, "results.json")):
-            missing.append(f"{task} {run_name} seed {seed} lr {lr}")
-            continue
-          r = runs.train_run(model_dir, bindings, args.gin_file, args.keep_checkpoints, oov,
-                             seed)
-          m = r["metrics"]
-          print(f"[{k}/{total}] {task} {run_name} seed {seed}"
-                + (f" lr {lr:g}" if lr is not None else "")
-                + f": ID {m['id_test']['rmse']:.4f} OOD {m['ood_test']['rmse']:.4f} "
-                  f"({time.time() - t:.0f}s)", flush=True)
-          hparams = {"learning_rate": lr if lr is not None else "gin", "steps": steps or "gin"}
-          for rec in records_of(r, task, seed, run_columns, args.early_stopping, hparams):
-            rec["collapsed"] = is_collapsed(rec, baselines[task][MEAN_COLUMN])
-            all_records.append(rec)
+    return {"records": [], "summary": [], "markdown": md, "baselines": baselines,
+            "files": ["results.md", "figure1.json"]}
+  all_records = outcome.records
+  for rec in all_records:
+    rec["collapsed"] = is_collapsed(rec, baselines[rec["task"]][MEAN_COLUMN])
   # Per (shift, column): the learning rate with the best mean validation RMSE over seeds.
   from levi_jax import references
   records = references.select_by_validation(all_records, ("task", "column"),
@@ -730,59 +577,36 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
   for r in all_records:
     r["selected"] = id(r) in chosen
   summary = summarize(records)
-  run_time = sum(r["wall_time_s"] or 0.0 for r in records if r["column"] != "WiSE-FT")
-  header = (f"# Methods x shifts: ID and OOD RMSE\n\n"
-            f"{len(tasks)} shifts x {len(plan)} trained runs x seeds "
-            f"{','.join(map(str, args.seeds))}; backbone `{args.backbone}`; data_dir "
-            f"`{args.data_dir or 'of the gin (demo: the synthetic world)'}`; base gin {', '.join(args.gin_file)}"
-            + (f"; steps {args.steps}" if args.steps else "")
-            + (f"; bindings {args.gin}" if args.gin else "")
-            + (f"; small-model OOV dropout {args.oov_dropout:g}" if args.oov_dropout else "")
-            + (f"; learning rate per method and shift chosen on validation (mean over seeds) "
-               f"from {args.lr_grid!r}" if args.lr_grid else "")
-            + (f"; restricted: {args.restrict!r} (those methods ran only there)"
-               if args.restrict else "")
-            + (f"; {args.epochs:g} epochs per run, evaluated {args.evals_per_epoch:g}x per epoch"
-               if args.epochs else "")
-            + ("; numbers from each run's best-validation evaluation (early stopping)"
-               if args.early_stopping else "")
-            + f"; the runs took {run_time / 60:.0f} min of wall time in all."
-            + (f" **Interim report (--report_only): {len(missing)} of {total} runs not "
-               "finished yet are left out.**" if missing else "")
-            + f"\n\nCommand: `{command}`")
-  md = markdown(summary, args.columns, header, args.id_tolerance, records, baselines)
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(md)
-  runs.write_csv(os.path.join(out, "runs.csv"), all_records)
-  runs.write_csv(os.path.join(out, "summary.csv"), summary)
-  chart(summary, args.columns, os.path.join(out, "results.png"),
-        f"{len(tasks)} shifts, seeds {','.join(map(str, args.seeds))}, backbone {args.backbone}")
+  md = markdown(summary, s.columns, _header(s, outcome, records), s.id_tolerance, records,
+                baselines)
+  driver.write_tables(out, md, all_records, summary)
+  chart(summary, s.columns, os.path.join(out, "results.png"),
+        f"{len(outcome.tasks)} shifts, seeds {','.join(map(str, s.seeds))}, backbone {s.backbone}")
+  ranked = ranked_columns(summary, s.columns)
   with open(os.path.join(out, "figure1.json"), "w") as f:
-    json.dump({"figure1": figure1_answer(summary, args.id_tolerance, records, baselines),
+    json.dump({"figure1": figure1_answer(summary, s.id_tolerance, records, baselines),
                "levi_by_validation": levi_by_validation(summary),
                "levi_vs_ft_ood": improvement(summary),
-               "average_rank_ood": average_ranks(summary, ranked_columns(summary, args.columns),
-                                                 "ood"),
-               "average_rank_id": average_ranks(summary, ranked_columns(summary, args.columns),
-                                                "id"),
+               "average_rank_ood": average_ranks(summary, ranked, "ood"),
+               "average_rank_id": average_ranks(summary, ranked, "id"),
                "references": baselines,
                "collapsed": sorted({(r["task"], r["column"]) for r in records
                                     if r["collapsed"]})}, f, indent=1)
   return {"records": records, "all_records": all_records, "summary": summary, "markdown": md,
-          "baselines": baselines}
+          "baselines": baselines,
+          "files": ["results.md", "figure1.json", "runs.csv", "summary.csv", "results.png"]}
 
 
-def main(argv=None):
-  args = parse_args(argv)
-  runs.initialize_multiprocess(args.multiprocess)
-  runs.progress_logging()
-  command = runs.command_line("sweep.py", argv)
-  result = run(args, command)
-  print(result["markdown"])
-  print(f"wrote {args.out}/results.md, figure1.json" + (
-      "" if args.references_only else ", runs.csv, summary.csv, results.png"))
+def references(settings: Settings, tasks: Sequence[str], data_dir: str
+               ) -> dict[str, dict[str, dict[str, Any]]]:
+  """The classical references of every task ({task: `reference_baselines`})."""
+  del settings
+  return {task: reference_baselines(task, data_dir) for task in tasks}
+
+
+STUDY = driver.Study(module="sweep", settings=Settings, grid=grid, records=records,
+                     report=report, methods=tuple(COLUMNS.values()), prepare=references)
 
 
 if __name__ == "__main__":
-  main()
+  driver.main(STUDY)

@@ -1,6 +1,6 @@
 """Host memory and speed of the tap cache on disk, at sizes no host could hold whole.
 
-    python experiments/tap_cache_memory.py --rows 2000000 --width 128 \\
+    python -m experiments.tap_cache_memory --rows 2000000 --width 128 \\
         --out experiments/results/tap_cache_memory/results.json
 
 For each storage dtype (float32, bfloat16), a generated entry of `--rows`
@@ -21,7 +21,7 @@ the phase's wall time. Results go to --out (JSON).
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -32,10 +32,10 @@ import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from experiments import cli
+from levi_jax import input_pipeline, tap_cache
 
-from levi_jax import input_pipeline, tap_cache  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PHASES = ("write", "disk_array", "memmap", "load")
 
@@ -111,35 +111,41 @@ def run_phase(phase: str, path: str, rows: int, width: int, dtype: str, batch: i
   return out
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--rows", type=int, default=500_000)
-  p.add_argument("--width", type=int, default=128, help="floats per row")
-  p.add_argument("--dtypes", default="float32,bfloat16")
-  p.add_argument("--batch_size", type=int, default=256)
-  p.add_argument("--phases", default=",".join(PHASES))
-  p.add_argument("--dir", default="", help="where the entries go (default: a temporary folder)")
-  p.add_argument("--out", default="")
-  p.add_argument("--phase", default="", help=argparse.SUPPRESS)  # one phase, in a subprocess
-  p.add_argument("--path", default="", help=argparse.SUPPRESS)
-  args = p.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The flags of the measurement."""
+
+  rows: int = cli.field(500_000, "rows of the generated entry")
+  width: int = cli.field(128, "floats per row")
+  dtypes: tuple[str, ...] = cli.field(("float32", "bfloat16"), "storage dtypes")
+  batch_size: int = cli.field(256, "rows per written chunk and per training batch")
+  phases: tuple[str, ...] = cli.field(PHASES, f"of {','.join(PHASES)}")
+  dir: str = cli.field("", "where the entries go (default: a temporary folder)")
+  out: str = cli.field("", "JSON file to write ('' = none)")
+  phase: str = cli.field("", "internal: run this one phase (in a subprocess)")
+  path: str = cli.field("", "internal: the entry the phase reads or writes")
+
+
+def main(args: Settings, command: str = "") -> dict | None:
+  """Runs each dtype's phases, each in a fresh process; returns (and writes) the results."""
   if args.phase:
-    dtype = args.dtypes.split(",")[0]
+    dtype = args.dtypes[0]
     json.dump(run_phase(args.phase, args.path, args.rows, args.width, dtype, args.batch_size),
               sys.stdout)
     return None
   work = args.dir or tempfile.mkdtemp(prefix="tap_cache_memory-")
   os.makedirs(work, exist_ok=True)
   result = {"rows": args.rows, "width": args.width, "batch_size": args.batch_size,
-            "command": " ".join([os.path.relpath(__file__, REPO)] + (argv or sys.argv[1:])),
+            "command": command,
             "dtypes": {}}
   try:
-    for dtype in args.dtypes.split(","):
+    for dtype in args.dtypes:
       path = os.path.join(work, f"entry-{dtype}.npz")
       result["dtypes"][dtype] = phases = {
           "entry_bytes": args.rows * args.width * tap_cache.STORAGE_DTYPES[dtype].itemsize}
-      for phase in args.phases.split(","):
-        cmd = [sys.executable, os.path.abspath(__file__), "--phase", phase, "--path", path,
+      for phase in args.phases:
+        cmd = [sys.executable, "-m", "experiments.tap_cache_memory", "--phase", phase,
+               "--path", path,
                "--rows", str(args.rows), "--width", str(args.width), "--dtypes", dtype,
                "--batch_size", str(args.batch_size)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -159,4 +165,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.main(Settings, main, "tap_cache_memory")

@@ -1,4 +1,4 @@
-"""`experiments/benchmark.py` on a tiny backbone: runs without TensorFlow, reports sane numbers."""
+"""`experiments.benchmark` on a tiny backbone: runs without TensorFlow, reports sane numbers."""
 
 import json
 import os
@@ -7,22 +7,21 @@ import sys
 
 import pytest
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "benchmark.py")
-sys.path.insert(0, os.path.dirname(SCRIPT))
-import benchmark  # noqa: E402
+from experiments import benchmark, cli
+from levi_jax.models import t5_encoder as t5
 
-from levi_jax.models import t5_encoder as t5  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
 def test_tiny_benchmark_runs_without_tensorflow(tmp_path):
   out = tmp_path / "bench.json"
   proc = subprocess.run(
-      [sys.executable, SCRIPT, "--out", str(out), "--preset", "t5_1_1_tiny",
+      [sys.executable, "-m", "experiments.benchmark", "--out", str(out), "--preset", "t5_1_1_tiny",
        "--vocab_size", "128", "--batch", "8", "--length", "16", "--steps", "2",
        "--matmul_sizes", "128"],
       env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0"),
-      capture_output=True, text=True, timeout=240)
+      capture_output=True, text=True, timeout=240, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(out.read_text())
   assert not report["tensorflow_imported"]
@@ -62,5 +61,15 @@ def test_forward_flops_formula():
 
 
 def test_unknown_method_is_rejected():
-  with pytest.raises(SystemExit):
-    benchmark.parse_args(["--out", "x.json", "--methods", "levi,fft"])
+  with pytest.raises(ValueError, match="fft"):
+    cli.parse(benchmark.Settings, ["--out", "x.json", "--methods", "levi,fft"])
+
+
+def test_imports_without_gin_seqio_or_tensorflow():
+  """The GPU machine it runs on has jax, flax, optax and orbax only."""
+  code = ("import sys; import experiments.benchmark; "
+          "print(sorted({m.split('.')[0] for m in sys.modules} & {'gin', 'seqio', 'tensorflow'}))")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=120, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip() == "[]"

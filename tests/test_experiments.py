@@ -4,27 +4,29 @@ committed pre-trained synthetic backbone (reproducible start, carried bias)."""
 import csv
 import json
 import os
-import sys
 
 import gin
 import numpy as np
 import pytest
+from absl import flags
+
+from experiments import (cli, driver, efficiency, layer_ablation, pretrain_synthetic, runs,
+                         sweep)
+from levi_jax import checkpointing, demo, gin_utils, pretrained
+from levi_jax.data import paths, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-import efficiency  # noqa: E402
-import layer_ablation  # noqa: E402
-import pretrain_synthetic  # noqa: E402
-import sweep  # noqa: E402
-
-from levi_jax import checkpointing, demo, gin_utils, pretrained  # noqa: E402
-from levi_jax.data import paths, synthetic  # noqa: E402
 
 CHECKPOINT = os.path.join(ROOT, "experiments", "checkpoints", "synthetic_t5_small")
 TINY = ["trainer.ModelConfig.backbone_overrides = {'emb_dim': 16, 'num_heads': 2, "
         "'head_dim': 8, 'mlp_dim': 32, 'num_layers': 2}", "BATCH_SIZE = 16", "SEQ_LENGTH = 24",
         "trainer.DataConfig.eval_batch_size = 1024", "optim.OptimizerConfig.warmup_steps = 0"]
-TINY_ARGS = [a for b in TINY for a in ("--gin", b)]
+TINY_ARGS = ["--gin." + b.replace(" = ", "=", 1) for b in TINY]
+
+
+def run_sweep(argv):
+  """The sweep as its command line runs it (flags parsed by `cli.parse`)."""
+  return driver.run(sweep.STUDY, cli.parse(sweep.Settings, argv), "cmd")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def test_sweep_end_to_end(tmp_path, world):
   argv = ["--out", str(tmp_path), "--shifts", "gender_m_to_f", "--seeds", "0", "--steps", "3",
           "--columns", "LP-FT,WiSE-FT,LEVI", "--backbone", "random", "--data_dir", world,
           *TINY_ARGS]
-  result = sweep.run(sweep.parse_args(argv), "cmd")
+  result = run_sweep(argv)
   recs = {r["column"]: r for r in rows(tmp_path / "runs.csv")}
   assert sorted(recs) == ["LEVI", "LP-FT", "WiSE-FT"]
   assert all(r["task"] == "movielens_100k.gender_m_to_f" for r in recs.values())
@@ -79,11 +81,11 @@ def test_sweep_end_to_end(tmp_path, world):
               if "rows" not in p.parts]) == 4
   assert not (wise_dir / "checkpoints").exists()
   mtime = os.path.getmtime(levi_dir / "results.json")
-  again = sweep.run(sweep.parse_args(argv), "cmd")  # resumes: every run is read back
+  again = run_sweep(argv)  # resumes: every run is read back
   assert again["summary"] == result["summary"]
   assert os.path.getmtime(levi_dir / "results.json") == mtime
   # Other settings in the same runs folder are other runs, not the old numbers.
-  other = sweep.run(sweep.parse_args([a if a != "3" else "4" for a in argv]), "cmd")
+  other = run_sweep([a if a != "3" else "4" for a in argv])
   assert len(list((run_dir / "levi").glob("seed0-*"))) == 2
   assert other["summary"] != result["summary"]
 
@@ -95,7 +97,7 @@ def test_sweep_protocol_chooses_learning_rates_on_validation(tmp_path, world):
           "--columns", "LP,LEVI,LEVI-layerwise", "--backbone", "random", "--data_dir", world,
           "--lr_grid", "lp=1e-3,3e-2;default=1e-4,3e-3", "--epochs", "0.05",
           "--evals_per_epoch", "40", "--early_stopping", *TINY_ARGS]
-  result = sweep.run(sweep.parse_args(argv), "cmd")
+  result = run_sweep(argv)
   every = result["all_records"]
   assert len(every) == 3 * 2 * 2  # runs x learning rates x seeds
   assert {r["learning_rate"] for r in every if r["column"] == "LP"} == {1e-3, 3e-2}
@@ -129,47 +131,94 @@ def test_sweep_protocol_chooses_learning_rates_on_validation(tmp_path, world):
 
 def test_sweep_restrict_runs_a_method_on_part_of_the_grid(tmp_path, world):
   methods = ["lp", "scratch"]
-  assert sweep.parse_restrict("scratch=gender_m_to_f,time_later@0", methods) == {
+  assert driver.parse_restrict("scratch=gender_m_to_f,time_later@0", methods) == {
       "scratch": ({"gender_m_to_f", "time_later"}, {0})}
-  assert sweep.parse_restrict("levi_aux=time_later", ["levi", "levi_aux"]) == {
+  assert driver.parse_restrict("levi_aux=time_later", ["levi", "levi_aux"]) == {
       "levi_aux": ({"time_later"}, None)}  # a variant column's run, by its name
   with pytest.raises(ValueError, match="not a run of this sweep"):
-    sweep.parse_restrict("ft=gender_m_to_f", methods)
+    driver.parse_restrict("ft=gender_m_to_f", methods)
   with pytest.raises(ValueError, match="RUN=SHIFT"):
-    sweep.parse_restrict("scratch", methods)
+    driver.parse_restrict("scratch", methods)
   argv = ["--out", str(tmp_path), "--shifts", "gender_m_to_f", "--seeds", "0,1",
           "--columns", "LP,Scratch", "--backbone", "random", "--data_dir", world,
           "--restrict", "scratch=movielens_100k.gender_m_to_f@1", "--steps", "2", *TINY_ARGS]
-  result = sweep.run(sweep.parse_args(argv), "cmd")
+  result = run_sweep(argv)
   ran = sorted((r["column"], r["seed"]) for r in result["all_records"])
   assert ran == [("LP", 0), ("LP", 1), ("Scratch", 1)]
   assert "restricted: 'scratch=movielens_100k.gender_m_to_f@1'" in result["markdown"]
   # --report_only trains nothing: an interim report of the finished runs.
-  interim = sweep.run(sweep.parse_args([*argv, "--report_only", "--seeds", "0,1,2"]), "cmd")
+  interim = run_sweep([*argv, "--report_only", "--seeds", "0,1,2"])
   assert sorted((r["column"], r["seed"]) for r in interim["all_records"]) == ran
   assert "Interim report (--report_only): 1 of 4 runs not finished yet" in interim["markdown"]
   assert not list((tmp_path / "runs").rglob("seed2-*"))
-  bad = sweep.parse_args([*argv[:-len(TINY_ARGS) - 4], "--restrict", "scratch=time_latr"])
+  bad = [*argv[:-len(TINY_ARGS) - 4], "--restrict", "scratch=time_latr"]
   with pytest.raises(ValueError, match="names unknown shifts: \\['time_latr'\\]"):
-    sweep.run(bad, "cmd")
+    run_sweep(bad)
 
 
 def test_sweep_checks_the_whole_grid_before_the_first_run(tmp_path, world):
   # time_later names a MovieLens and an Amazon task; this world has MovieLens files only.
-  kept = sweep.validate_grid(sweep.tasks_for(["time_later"], ["movielens_100k", "amazon_2018"]),
-                             world, implicit=True)
+  kept = driver.validate_grid(
+      driver.tasks_for(["time_later"], ["movielens_100k", "amazon_2018"]), world, implicit=True)
   assert kept == ["movielens_100k.time_later"]
   argv = ["--out", str(tmp_path), "--shifts", "movielens_100k.gender_m_to_f,amazon_2018.time_later",
           "--seeds", "0", "--steps", "1", "--columns", "LEVI", "--data_dir", world, *TINY_ARGS]
   with pytest.raises(ValueError, match=r"amazon_2018.time_later"):
-    sweep.run(sweep.parse_args(argv), "cmd")
+    run_sweep(argv)
   assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+def test_the_driver_resolves_the_whole_grid_before_the_first_run(tmp_path, world):
+  """Every cell over the learning-rate grid, less the restricted ones, gets its bindings and
+  its own keyed MODEL_DIR up front; a bad binding fails there, with nothing trained."""
+  argv = ["--out", str(tmp_path), "--shifts", "gender_m_to_f", "--seeds", "0,1",
+          "--columns", "LP,LP-FT,WiSE-FT,LEVI-layerwise", "--data_dir", world,
+          "--lr_grid", "lp=1e-3,3e-3", "--restrict", "levi_layerwise=gender_m_to_f@1",
+          *TINY_ARGS]
+  settings = cli.parse(sweep.Settings, argv)
+  task = "movielens_100k.gender_m_to_f"
+  planned = driver.plan(sweep.STUDY, settings, [task], world)
+  assert [(r.cell.run, r.cell.seed, r.learning_rate) for r in planned] == [
+      ("lp", 0, 1e-3), ("lp", 0, 3e-3), ("wiseft", 0, None),
+      ("lp", 1, 1e-3), ("lp", 1, 3e-3), ("wiseft", 1, None), ("levi_layerwise", 1, None)]
+  assert planned[2].cell.labels["columns"] == ("LP-FT", "WiSE-FT")  # one run feeds both
+  assert len({r.model_dir for r in planned}) == len(planned)
+  assert all(os.path.basename(r.model_dir).startswith(f"seed{r.cell.seed}-") for r in planned)
+  assert "LEARNING_RATE = 0.003" in planned[1].bindings
+  assert "trainer.ModelConfig.fusion = 'layerwise'" in planned[-1].bindings
+  bad = cli.parse(sweep.Settings, [*argv, "--gin.trainer.ModelConfig.no_such_field=1"])
+  with pytest.raises(ValueError, match="no_such_field"):
+    driver.run(sweep.STUDY, bad, "cmd")
+  assert not (tmp_path / "runs").exists()
+
+
+def test_command_lines_are_absl_flags_with_gin_bindings():
+  """`--gin_file` and `--gin.NAME=VALUE` as `levi_jax.train` takes them; lists comma-separated;
+  each script's settings validate its flags."""
+  s = cli.parse(sweep.Settings, ["--out=/tmp/x", "--seeds=0,2", "--shifts", "a,b", "--lora",
+                                 "--gin_file=experiments/demo.gin", "--gin_file=methods/lp.gin",
+                                 "--gin.TRAIN_STEPS=5", "--no_tap_cache"])
+  assert s.seeds == (0, 2) and s.shifts == ("a", "b") and s.no_tap_cache
+  assert s.gin_file == ("experiments/demo.gin", "methods/lp.gin")
+  assert s.gin_bindings == ("TRAIN_STEPS=5",)
+  assert s.columns == (*sweep.DEFAULT_COLUMNS, *sweep.LORA_COLUMNS)
+  default = cli.parse(sweep.Settings, ["--out", "/tmp/x"])
+  assert default.gin_file == runs.BASE_GIN and default.steps is None and default.seeds == (0, 1, 2)
+  with pytest.raises(ValueError, match="unknown columns \\['LEVII'\\]"):
+    cli.parse(sweep.Settings, ["--out=/tmp/x", "--columns=LEVI,LEVII"])
+  with pytest.raises(flags.IllegalFlagValueError):
+    cli.parse(sweep.Settings, ["--out=/tmp/x", "--backbone=bert"])
+  with pytest.raises(flags.Error):
+    cli.parse(layer_ablation.Settings, ["--seeds=0"])  # --out is required
+  assert cli.parse(layer_ablation.Settings, ["--out=o", "--tap_sets=none,all"]).tap_sets == (
+      "none", "all")
+  assert cli.command_line("sweep", ["--out", "a b"]) == "python -m experiments.sweep --out 'a b'"
 
 
 def test_sweep_references_only(tmp_path, world):
   argv = ["--out", str(tmp_path), "--shifts", "gender_m_to_f,time_later", "--datasets",
           "movielens_100k", "--data_dir", world, "--references_only"]
-  result = sweep.run(sweep.parse_args(argv), "cmd")
+  result = run_sweep(argv)
   assert sorted(result["baselines"]) == ["movielens_100k.gender_m_to_f",
                                          "movielens_100k.time_later"]
   md = (tmp_path / "results.md").read_text()
@@ -253,11 +302,11 @@ def test_sweep_tables():
   assert "0 of 0 shifts with FT" in md_c and "below every classical reference's too: 0 of 1" in md_c
   # The LEVI default is chosen on validation: LEVI-layerwise's 1.0 < LEVI's 1.1.
   assert "chosen: **LEVI-layerwise**" in md_c
-  assert sweep.tasks_for(["all"], ["movielens_100k", "amazon_2018"]).__len__() == 27
-  assert sweep.tasks_for(["time_later"], ["movielens_100k", "amazon_2018"]) == [
+  assert driver.tasks_for(["all"], ["movielens_100k", "amazon_2018"]).__len__() == 27
+  assert driver.tasks_for(["time_later"], ["movielens_100k", "amazon_2018"]) == [
       "movielens_100k.time_later", "amazon_2018.time_later"]
   with pytest.raises(ValueError, match="gender_m_to_f"):
-    sweep.tasks_for(["gender_m_to_x"], ["movielens_100k"])
+    driver.tasks_for(["gender_m_to_x"], ["movielens_100k"])
 
 
 def test_layer_ablation_end_to_end(tmp_path, world):
@@ -266,7 +315,8 @@ def test_layer_ablation_end_to_end(tmp_path, world):
                                         "all": (0, 1, 2, 3)}
   argv = ["--out", str(tmp_path), "--seeds", "0", "--steps", "2", "--tap_sets", "none,all",
           "--backbone", "random", "--data_dir", world, *TINY_ARGS]
-  result = layer_ablation.run(layer_ablation.parse_args(argv), "cmd")
+  settings = cli.parse(layer_ablation.Settings, argv)
+  result = driver.run(layer_ablation.STUDY, settings, "cmd")
   assert [r["tap_set"] for r in result["summary"]] == ["none", "all"]
   assert [r["layers"] for r in result["summary"]] == ["", "0 1"]
   run_dir = tmp_path / "runs/movielens_100k.gender_m_to_f"
@@ -278,13 +328,17 @@ def test_layer_ablation_end_to_end(tmp_path, world):
   assert len(rows(tmp_path / "runs.csv")) == 2 and len(rows(tmp_path / "summary.csv")) == 2
   assert "| all | 0 1 |" in (tmp_path / "results.md").read_text()
   assert (tmp_path / "results.png").stat().st_size > 5_000
+  mtime = os.path.getmtime(run_dir / "all/seed0/results.json")
+  again = driver.run(layer_ablation.STUDY, settings, "cmd")  # resumes: nothing retrains
+  assert again["summary"] == result["summary"]
+  assert os.path.getmtime(run_dir / "all/seed0/results.json") == mtime
 
 
 def test_efficiency_end_to_end(tmp_path, world):
   argv = ["--out", str(tmp_path), "--steps", "1", "--warmup", "0", "--e2e_steps", "0",
-          "--variants", "LEVI,LEVI-cached", "--backbone", "random", "--gin",
-          f"DATA_DIR = '{world}'", *TINY_ARGS]
-  report = efficiency.run(efficiency.parse_args(argv), "cmd")
+          "--variants", "LEVI,LEVI-cached", "--backbone", "random",
+          f"--gin.DATA_DIR='{world}'", *TINY_ARGS]
+  report = efficiency.run(cli.parse(efficiency.Settings, argv), "cmd")
   v = {r["variant"]: r for r in report["variants"]}
   assert list(v) == ["LEVI", "LEVI-cached"]
   assert v["LEVI"]["params_trained"] < v["LEVI"]["params_total"]
@@ -322,7 +376,7 @@ def test_demo_gin_uses_the_committed_checkpoint(tmp_path, monkeypatch):
 def test_pretraining_rerun_starts_like_the_committed_run(tmp_path):
   """Re-running the script for a few steps reads the same batches and logs the same losses."""
   committed = json.load(open(CHECKPOINT + ".json"))
-  assert committed["command"] == ("python experiments/pretrain_synthetic.py "
+  assert committed["command"] == ("python -m experiments.pretrain_synthetic "
                                   "--out experiments/checkpoints/synthetic_t5_small")
   cfg = pretrain_synthetic.PretrainConfig(steps=10, log_every=5)
   rerun = pretrain_synthetic.pretrain(str(tmp_path / "ck"), cfg, measure=False)
@@ -392,8 +446,8 @@ def test_backbone_choices_bind_what_they_say():
   for name in ("config", "random", "minilm"):
     gin.clear_config()
     gin_utils.parse(["experiments/demo.gin"],
-                    sweep.runs.run_bindings("/unused", "levi", "movielens_100k.gender_m_to_f", 0,
-                                            backbone=name), gin_utils.GIN_SEARCH_PATHS)
+                    runs.run_bindings("/unused", "levi", "movielens_100k.gender_m_to_f", 0,
+                                      backbone=name), gin_utils.GIN_SEARCH_PATHS)
     pre = gin.get_configurable(trainer.ModelConfig)().pretrained
     seen[name] = (gin.query_parameter("%INITIAL_CHECKPOINT_PATH"),
                   pre.format if pre is not None else None)
@@ -401,7 +455,7 @@ def test_backbone_choices_bind_what_they_say():
   assert seen == {"config": ("experiments/checkpoints/synthetic_t5_small", None),
                   "random": (None, None), "minilm": (None, "minilm_l6")}
   with pytest.raises(ValueError, match="unknown backbone 'bert'"):
-    sweep.runs.run_bindings("/unused", "levi", "t", 0, backbone="bert")
+    runs.run_bindings("/unused", "levi", "t", 0, backbone="bert")
 
 
 @pytest.mark.slow
@@ -419,7 +473,6 @@ def test_demo_data_is_what_readme_table_was_made_with():
 
 def test_progress_lines_print_when_stdout_is_not_a_terminal(capsys):
   import logging
-  import runs  # noqa: E402
   from levi_jax import metric_logging
   logger = logging.getLogger("levi_jax")
   level, propagate = logger.level, logger.propagate
