@@ -91,7 +91,7 @@ def measure(name: str, cfg: dict[str, Any], data: trainer.TaskData, steps: int, 
   def init():
     params = method.init(jax.random.PRNGKey(0), train)
     trainable, frozen = methods.partition(params, method.stages[0].frozen)
-    return step.TrainState.create(trainable, frozen, opt)
+    return step.create_train_state(trainable, frozen, opt)
 
   out: dict[str, Any] = {"variant": name, "method": method.name}
   with jax.set_mesh(mesh):
@@ -111,7 +111,7 @@ def measure(name: str, cfg: dict[str, Any], data: trainer.TaskData, steps: int, 
         tap_cache.compute_taps(source, bb, v["inputs"], mesh, rules, data_cfg.eval_batch_size)
       out["cache_build_s"], out["cache_rows"] = time.perf_counter() - t, rows
     train_step = partitioning.jit_train_step(
-        step.make_train_step(method, opt, step.LossConfig()), shardings, mesh, rules)
+        step.make_train_step(method, step.LossConfig()), shardings, mesh, rules)
     batch = partitioning.global_batch(train, mesh)
     rng = jax.random.PRNGKey(1)
     t = time.perf_counter()

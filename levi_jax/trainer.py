@@ -41,7 +41,7 @@ from levi_jax.models import t5_encoder
 from levi_jax.models.task_net import FeatureTower, TokenTower, validate_features
 from levi_jax.optim import OptimizerConfig, make_optimizer
 from levi_jax.partitioning import MeshConfig
-from levi_jax.step import LossConfig, TrainState
+from levi_jax.step import LossConfig
 
 log = logging.getLogger("levi_jax")
 
@@ -572,13 +572,13 @@ def train(
 
       def init_state(stage=stage, opt=opt):
         trainable, frozen = methods.partition(init_params(), stage.frozen)
-        return TrainState.create(trainable, frozen, opt)
+        return step_lib.create_train_state(trainable, frozen, opt)
 
       abstract = jax.eval_shape(init_state)
       state_shardings = nn.meta.unbox(partitioning.logical_to_sharding(
           abstract, device_mesh, rules))
       trainable, frozen = methods.partition(params, stage.frozen)
-      state = jax.jit(lambda t, f: TrainState.create(t, f, opt),
+      state = jax.jit(lambda t, f: step_lib.create_train_state(t, f, opt),
                       out_shardings=state_shardings)(trainable, frozen)
       # The step counter is global across stages; the schedule restarts per stage.
       state = state.replace(step=jnp.asarray(s_begin, jnp.int32))
@@ -598,7 +598,7 @@ def train(
             jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                          params))
 
-      train_step = partitioning.jit_train_step(step_lib.make_train_step(method, opt, loss),
+      train_step = partitioning.jit_train_step(step_lib.make_train_step(method, loss),
                                                state_shardings, device_mesh, rules)
       first = max(s_begin, start_step)
       if eval_only:

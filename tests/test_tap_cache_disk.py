@@ -212,8 +212,8 @@ def test_bfloat16_taps_train_close_to_float32_ones(tmp_path):
   _, _, bf16, _ = _attach(tmp_path, data, dtype="bfloat16")
   idx = np.arange(16)
   opt = make_optimizer(OptimizerConfig(learning_rate=3e-3, schedule="constant"), 4)
-  train_step = jax.jit(step.make_train_step(method, opt, step.LossConfig()))
-  state = step.TrainState.create(*methods.partition(params, method.stages[0].frozen), opt)
+  train_step = jax.jit(step.make_train_step(method, step.LossConfig()))
+  state = step.create_train_state(*methods.partition(params, method.stages[0].frozen), opt)
   out = []
   for splits in (f32, bf16):
     batch = {k: v[idx] for k, v in splits["train"].items()}
