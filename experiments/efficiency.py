@@ -41,7 +41,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark  # noqa: E402
 import runs  # noqa: E402
 
-from levi_jax import demo, methods, partitioning, step, tap_cache, trainer  # noqa: E402
+from clu import parameter_overview  # noqa: E402
+
+from levi_jax import (demo, input_pipeline, methods, partitioning, step, tap_cache,  # noqa: E402
+                      train_setup, trainer)
 from levi_jax.data import paths  # noqa: E402
 from levi_jax.models.levi import CACHED_TAPS  # noqa: E402
 from levi_jax.optim import OptimizerConfig, make_optimizer  # noqa: E402
@@ -78,7 +81,7 @@ def measure(name: str, cfg: dict[str, Any], data: trainer.TaskData, steps: int, 
   """One variant's parameters, train step time and memory, and inference time."""
   model_cfg = dataclasses.replace(cfg["model"], method=VARIANTS[name])
   data_cfg = cfg["data"]
-  method = trainer.build_method(model_cfg, data)
+  method = train_setup.build_method(model_cfg, data)
   mesh = partitioning.make_mesh(partitioning.MeshConfig())
   rules = partitioning.rules_for(partitioning.MeshConfig())
   train_idx = np.arange(data_cfg.batch_size) % len(data.train["targets"])
@@ -96,8 +99,9 @@ def measure(name: str, cfg: dict[str, Any], data: trainer.TaskData, steps: int, 
   out: dict[str, Any] = {"variant": name, "method": method.name}
   with jax.set_mesh(mesh):
     state, shardings = partitioning.sharded_init(init, mesh, rules)
-    out["params_trained"] = trainer.count_params(state.params)
-    out["params_total"] = out["params_trained"] + trainer.count_params(state.frozen)
+    out["params_trained"] = int(parameter_overview.count_parameters(state.params))
+    out["params_total"] = out["params_trained"] + int(
+        parameter_overview.count_parameters(state.frozen))
     if name == "LEVI-cached":
       source, _ = tap_cache.tap_source(method)
       bb = tap_cache.backbone_params(source, methods.combine(state.params, state.frozen))
@@ -256,7 +260,7 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
   if cfg["model"].pretrained is not None:
     from levi_jax.checkpoints import backbones
     pretrained = backbones.load_pretrained(cfg["model"].pretrained)
-  data = trainer.load_task_data(cfg["data"], trainer.backbone_vocabulary(
+  data = input_pipeline.load_task_data(cfg["data"], train_setup.backbone_vocabulary(
       cfg["data"], pretrained, cfg.get("initial_checkpoint_path")))
   rows = [measure(v, cfg, data, args.steps, args.warmup) for v in args.variants]
   e2e_steps = cfg["steps"] if args.e2e_steps is None else args.e2e_steps

@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from levi_jax import methods, step, tap_cache, trainer
+from levi_jax import methods, step, tap_cache, train_setup, trainer
 from levi_jax.models.levi import CACHED_TAPS, resolve_taps
 from levi_jax.optim import OptimizerConfig, make_optimizer
 
@@ -25,7 +25,7 @@ SMALL = dict(adapter_dim=16, fusion_hidden=(16,), task_hidden=(16,))
 
 def _attach(cache, data, dtype="float32"):
   """The `levi` method's params (init seed 0) and its splits with cached taps."""
-  method = trainer.build_method(trainer.ModelConfig(method="levi", **SMALL), data)
+  method = train_setup.build_method(trainer.ModelConfig(method="levi", **SMALL), data)
   boxed = method.init(jax.random.PRNGKey(0), data.train)
   params = jax.tree.map(lambda x: np.asarray(getattr(x, "value", x)), boxed,
                         is_leaf=lambda x: hasattr(x, "value"))
