@@ -286,7 +286,7 @@ class Bench:
     def init():
       params = method.init(jax.random.PRNGKey(0), self.host_batch)
       trainable, frozen = methods.partition(params, method.stages[0].frozen)
-      return step.TrainState.create(trainable, frozen, self.optimizer)
+      return step.create_train_state(trainable, frozen, self.optimizer)
     return partitioning.sharded_init(init, self.mesh, self.rules)
 
   def backbone_forward(self) -> Timed:
@@ -316,7 +316,7 @@ class Bench:
     if name == "levi_cached":
       host[CACHED_TAPS] = cached_taps
     batch = partitioning.global_batch(host, self.mesh)
-    train_step = step.make_train_step(method, self.optimizer, step.LossConfig())
+    train_step = step.make_train_step(method, step.LossConfig())
     jitted = partitioning.jit_train_step(train_step, shardings, self.mesh, self.rules)
     rng = jax.random.PRNGKey(1)
     t = time.perf_counter()

@@ -36,7 +36,9 @@ import jax
 import numpy as np
 
 from experiments import benchmark, cli, runs
-from levi_jax import methods, partitioning, step, tap_cache, trainer
+from clu import parameter_overview
+
+from levi_jax import input_pipeline, methods, partitioning, step, tap_cache, train_setup, trainer
 from levi_jax.data import paths
 from levi_jax.models.levi import CACHED_TAPS
 from levi_jax.optim import OptimizerConfig, make_optimizer
@@ -73,7 +75,7 @@ def measure(name: str, cfg: dict[str, Any], data: trainer.TaskData, steps: int, 
   """One variant's parameters, train step time and memory, and inference time."""
   model_cfg = dataclasses.replace(cfg["model"], method=VARIANTS[name])
   data_cfg = cfg["data"]
-  method = trainer.build_method(model_cfg, data)
+  method = train_setup.build_method(model_cfg, data)
   mesh = partitioning.make_mesh(partitioning.MeshConfig())
   rules = partitioning.rules_for(partitioning.MeshConfig())
   train_idx = np.arange(data_cfg.batch_size) % len(data.train["targets"])
@@ -86,13 +88,14 @@ def measure(name: str, cfg: dict[str, Any], data: trainer.TaskData, steps: int, 
   def init():
     params = method.init(jax.random.PRNGKey(0), train)
     trainable, frozen = methods.partition(params, method.stages[0].frozen)
-    return step.TrainState.create(trainable, frozen, opt)
+    return step.create_train_state(trainable, frozen, opt)
 
   out: dict[str, Any] = {"variant": name, "method": method.name}
   with jax.set_mesh(mesh):
     state, shardings = partitioning.sharded_init(init, mesh, rules)
-    out["params_trained"] = trainer.count_params(state.params)
-    out["params_total"] = out["params_trained"] + trainer.count_params(state.frozen)
+    out["params_trained"] = int(parameter_overview.count_parameters(state.params))
+    out["params_total"] = out["params_trained"] + int(
+        parameter_overview.count_parameters(state.frozen))
     if name == "LEVI-cached":
       source, _ = tap_cache.tap_source(method)
       bb = tap_cache.backbone_params(source, methods.combine(state.params, state.frozen))
@@ -106,7 +109,7 @@ def measure(name: str, cfg: dict[str, Any], data: trainer.TaskData, steps: int, 
         tap_cache.compute_taps(source, bb, v["inputs"], mesh, rules, data_cfg.eval_batch_size)
       out["cache_build_s"], out["cache_rows"] = time.perf_counter() - t, rows
     train_step = partitioning.jit_train_step(
-        step.make_train_step(method, opt, step.LossConfig()), shardings, mesh, rules)
+        step.make_train_step(method, step.LossConfig()), shardings, mesh, rules)
     batch = partitioning.global_batch(train, mesh)
     rng = jax.random.PRNGKey(1)
     t = time.perf_counter()
@@ -257,7 +260,7 @@ def run(settings: Settings, command: str = "") -> dict[str, Any]:
   if cfg["model"].pretrained is not None:
     from levi_jax.checkpoints import backbones
     pretrained = backbones.load_pretrained(cfg["model"].pretrained)
-  data = trainer.load_task_data(cfg["data"], trainer.backbone_vocabulary(
+  data = input_pipeline.load_task_data(cfg["data"], train_setup.backbone_vocabulary(
       cfg["data"], pretrained, cfg.get("initial_checkpoint_path")))
   rows = [measure(v, cfg, data, settings.steps, settings.warmup) for v in settings.variants]
   e2e_steps = cfg["steps"] if settings.e2e_steps is None else settings.e2e_steps

@@ -39,7 +39,9 @@ import jax
 import numpy as np
 
 from experiments import cli
-from levi_jax import checkpointing, gin_utils, pretrained, trainer
+from clu import parameter_overview
+
+from levi_jax import checkpointing, gin_utils, input_pipeline, pretrained, train_setup, trainer
 from levi_jax.checkpointing import CheckpointConfig
 from levi_jax.optim import OptimizerConfig
 from levi_jax.data import synthetic
@@ -107,12 +109,12 @@ def batches_digest(data: trainer.TaskData, cfg: PretrainConfig, steps: int = 3
   says which array changed: tokens, a feature's ids, the targets).
   """
   rows = (data.train if "validation" in data.evals
-          else trainer.split_validation(data.train, 0.1, cfg.seed)[0])
+          else input_pipeline.split_validation(data.train, 0.1, cfg.seed)[0])
   n = len(rows["targets"])
   h = hashlib.sha256()
   per = {k: hashlib.sha256() for k in rows}
   for s in range(steps):
-    idx = trainer.batch_indices(n, s, cfg.batch_size, cfg.seed)
+    idx = input_pipeline.batch_indices(n, s, cfg.batch_size, cfg.seed)
     for k in sorted(rows):
       blob = np.ascontiguousarray(rows[k][idx]).tobytes()
       h.update(k.encode() + blob)
@@ -122,7 +124,6 @@ def batches_digest(data: trainer.TaskData, cfg: PretrainConfig, steps: int = 3
 
 def vocabulary_file(cfg: PretrainConfig) -> str:
   """The SentencePiece model of the world's text (what the backbone learns)."""
-  from levi_jax import input_pipeline
   return input_pipeline.vocabulary_path(TASK, cfg.data_dir or None)
 
 
@@ -138,7 +139,7 @@ def pretrain(out: str, cfg: PretrainConfig = PretrainConfig(), measure: bool = T
              command: str | None = None) -> dict[str, Any]:
   """Pre-trains, writes the checkpoint to `out` and `<out>.json`; returns the manifest."""
   vocab = vocabulary_file(cfg)
-  data = trainer.load_task_data(data_config(cfg), vocab)
+  data = input_pipeline.load_task_data(data_config(cfg), vocab)
   work = tempfile.mkdtemp(prefix="pretrain_")
   try:
     results = trainer.train(
@@ -170,7 +171,7 @@ def pretrain(out: str, cfg: PretrainConfig = PretrainConfig(), measure: bool = T
       "metrics": results["metrics"],
       "train_time_s": results["train_time_s"],
       "backbone_sha256": checkpointing.tree_hash(params["backbone"]),
-      "params": trainer.count_params(params["backbone"]),
+      "params": int(parameter_overview.count_parameters(params["backbone"])),
   }
   if measure:
     manifest["prestige_effect"] = {
@@ -201,7 +202,6 @@ def prestige_effect(path: str, task: str = PROBE_TASK, data_dir: str = "",
   mean change in prediction when each prestige word is replaced by a plain
   adjective (same rows, only that word differs).
   """
-  from levi_jax import input_pipeline
   prepared = input_pipeline.prepare(task, data_dir or None)
   carried = pretrained.checkpoint_vocabulary(path)
   if carried is None:
@@ -219,7 +219,7 @@ def prestige_effect(path: str, task: str = PROBE_TASK, data_dir: str = "",
   swapped = [PRESTIGE.sub(lambda m: m.group(0).replace(m.group(1), PLAIN_WORD), t)
              for t in texts]
   tree = checkpointing.restore_tree(path)
-  method = trainer.build_method(model_config(), trainer.TaskData(
+  method = train_setup.build_method(model_config(), trainer.TaskData(
       {"targets": targets}, {}, (), input_pipeline.vocabulary_size(vocab)))
   params = jax.device_put({"backbone": tree["backbone"], "head": tree["head"]})
   pred = _predict(method, params, input_pipeline.tokenize(texts, vocab, SEQ_LENGTH))

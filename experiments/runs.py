@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import gin
 import numpy as np
 
-from levi_jax import demo, gin_utils, trainer
+from levi_jax import demo, gin_utils, input_pipeline, train_setup, trainer
 from levi_jax.data import paths
 from levi_jax.models.task_net import OOV_ID
 
@@ -105,9 +105,9 @@ def train_run(model_dir: str, bindings: Sequence[str], gin_files: Sequence[str] 
     if model.pretrained is not None:
       from levi_jax.checkpoints import backbones
       pretrained = backbones.load_pretrained(model.pretrained)
-    vocabulary = trainer.backbone_vocabulary(
+    vocabulary = train_setup.backbone_vocabulary(
         data, pretrained, paths.shipped_path(gin.query_parameter("%INITIAL_CHECKPOINT_PATH")))
-    task_data = oov_dropout(trainer.load_task_data(data, vocabulary), oov_rate, seed)
+    task_data = oov_dropout(input_pipeline.load_task_data(data, vocabulary), oov_rate, seed)
   results = gin_utils.call(  # config.gin once the trainer accepts the start, as levi_jax.train
       trainer.train, task_data=task_data,
       on_start=lambda: gin_utils.write_operative_config(model_dir, "config.gin"))

@@ -236,6 +236,20 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001
       raise DamagedCheckpointError(self.directory, step, e) from e
 
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Restores only the state's trainable `params` (onto `abstract_params`'
+    shardings): the optimizer state and step are neither read nor allocated.
+    Use a Checkpointer of its own (orbax fixes the item's handler on first use)."""
+    target = {"params": abstract_params}
+    args = ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]
+    except Exception as e:  # noqa: BLE001
+      raise DamagedCheckpointError(self.directory, step, e) from e
+    return restored["params"]
+
   def wait(self):
     self.manager.wait_until_finished()
 

@@ -21,7 +21,7 @@ import numpy as np
 import gin
 from absl import logging as absl_logging
 
-from levi_jax import gin_utils, report, trainer
+from levi_jax import gin_utils, report, train_setup, trainer
 from levi_jax.data import paths
 from levi_jax.input_pipeline import load_task_data
 
@@ -56,7 +56,7 @@ def data_digests(gin_file: str = "experiments/demo.gin", bindings=()) -> dict[st
   data = gin_utils.call(trainer.DataConfig)
   checkpoint = paths.shipped_path(gin.query_parameter("%INITIAL_CHECKPOINT_PATH"))
   gin.clear_config()
-  task = load_task_data(data, trainer.backbone_vocabulary(data, None, checkpoint))
+  task = load_task_data(data, train_setup.backbone_vocabulary(data, None, checkpoint))
   out = {}
   for split, arrays in {"train": task.train, **task.evals}.items():
     for name in sorted(arrays):

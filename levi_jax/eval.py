@@ -9,10 +9,14 @@ The checkpoint is a MODEL_DIR (its latest checkpoint) or one step's directory
 run's own `MODEL_DIR/config.gin` (written by the trainer at the start it
 accepted), so the model, task and data are exactly those trained, whatever gin
 files made them; `--gin.NAME=VALUE` still overrides. With `--gin_file`, give
-the same model and task gin files as the training run. Writes `eval_results.json` into `--output_dir` (default the
-MODEL_DIR) and nothing else: a read-only run folder can be evaluated.
+the same model and task gin files as the training run. The configs are those
+gin binds for `trainer.train`; `evaluator.evaluate` restores the checkpoint's
+params only (no optimizer state, no training loop). Writes `eval_results.json`
+into `--output_dir` (default the MODEL_DIR) and nothing else: a read-only run
+folder can be evaluated.
 """
 
+import inspect
 import json
 import logging
 import os
@@ -22,13 +26,17 @@ import gin
 from absl import app, flags
 from absl import logging as absl_logging
 
-from levi_jax import gin_utils, trainer
+from levi_jax import evaluator, gin_utils, trainer
 
 FLAGS = flags.FLAGS
 gin_utils.define_flags()
 flags.DEFINE_string("output_dir", None, "Where eval_results.json goes (default: the MODEL_DIR).")
 flags.DEFINE_string("checkpoint_path", None, "MODEL_DIR or MODEL_DIR/checkpoints/STEP; without "
                     "--gin_file, the run's config.gin configures the evaluation.")
+
+
+# The `trainer.train` arguments that configure an evaluation.
+EVAL_ARGS = ("model", "data", "loss", "loop", "mesh", "initial_checkpoint_path")
 
 
 def split_checkpoint_path(path: str) -> tuple[str, int | None]:
@@ -41,6 +49,13 @@ def split_checkpoint_path(path: str) -> tuple[str, int | None]:
     raise FileNotFoundError(f"CHECKPOINT_PATH {path} is neither a MODEL_DIR (with a "
                             "checkpoints/ folder) nor a MODEL_DIR/checkpoints/STEP folder")
   return path, None
+
+
+def train_arguments(names) -> dict:
+  """The parsed gin config's `trainer.train` arguments `names` (its defaults where unbound)."""
+  bound = gin.get_bindings(trainer.train)
+  params = inspect.signature(trainer.train).parameters
+  return {k: bound[k] if k in bound else params[k].default for k in names}
 
 
 def main(argv):
@@ -61,8 +76,8 @@ def main(argv):
   if not isinstance(path, str):
     raise ValueError("bind the checkpoint to evaluate: --gin.CHECKPOINT_PATH=\"'/path'\"")
   model_dir, step = split_checkpoint_path(path)
-  results = gin_utils.call(trainer.train, model_dir=model_dir, eval_only=True,
-                           restore_step=step, output_dir=FLAGS.output_dir)
+  results = evaluator.evaluate(model_dir, restore_step=step, output_dir=FLAGS.output_dir,
+                               **train_arguments(EVAL_ARGS))
   print(json.dumps(results["metrics"], indent=2))
 
 

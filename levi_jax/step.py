@@ -11,33 +11,34 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
+from flax.training import train_state
 
 from levi_jax.methods import Method, combine
 
 Batch = Mapping[str, jax.Array]
 
 
-@flax.struct.dataclass
-class TrainState:
-  """Step counter, trainable params + their optimizer state, frozen params."""
+class TrainState(train_state.TrainState):
+  """Flax's train state (step, trainable `params`, optimizer `tx` and its
+  state) plus the `frozen` params, which the optimizer never sees."""
 
-  step: jax.Array
-  params: Any
   frozen: Any
-  opt_state: Any
-
-  @classmethod
-  def create(cls, trainable: Any, frozen: Any, optimizer: optax.GradientTransformation
-             ) -> "TrainState":
-    return cls(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
-               opt_state=optimizer.init(trainable))
 
   def all_params(self) -> dict:
+    """The full parameter tree the method applies (trainable and frozen)."""
     return combine(self.params, self.frozen)
+
+
+def create_train_state(trainable: Any, frozen: Any, optimizer: optax.GradientTransformation
+                       ) -> TrainState:
+  """A state at step 0 whose optimizer state covers only the trainable tree.
+
+  `apply_fn` stays None: the steps close over the method.
+  """
+  return TrainState.create(apply_fn=None, params=trainable, tx=optimizer, frozen=frozen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,12 +92,11 @@ def compute_loss(outputs: Mapping[str, Any], batch: Batch, cfg: LossConfig
   return loss, {"loss": loss, "task_loss": mean(outputs["prediction"])}
 
 
-def make_train_step(method: Method, optimizer: optax.GradientTransformation,
-                    loss_cfg: LossConfig) -> Callable:
+def make_train_step(method: Method, loss_cfg: LossConfig) -> Callable:
   """Returns `train_step(state, batch, rng) -> (state, metrics)`.
 
-  The dropout key is `fold_in(rng, step)`, so a resumed run replays the same
-  randomness.
+  The update is the state's own optimizer (`state.tx`). The dropout key is
+  `fold_in(rng, step)`, so a resumed run replays the same randomness.
   """
 
   def loss_fn(trainable, frozen, batch, rng):
@@ -107,11 +107,10 @@ def make_train_step(method: Method, optimizer: optax.GradientTransformation,
     step_rng = jax.random.fold_in(rng, state.step)
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.frozen, batch, step_rng)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    state = state.apply_gradients(grads=grads)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(params))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+                   param_norm=optax.global_norm(state.params))
+    return state, metrics
 
   return train_step
 

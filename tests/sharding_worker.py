@@ -68,7 +68,7 @@ def _init_fn(method):
   def init():
     params = method.init(jax.random.PRNGKey(0), batch)
     trainable, frozen = methods.partition(params, method.stages[0].frozen)
-    return step.TrainState.create(trainable, frozen, optimizer)
+    return step.create_train_state(trainable, frozen, optimizer)
 
   return init, optimizer
 
@@ -119,7 +119,7 @@ def run_training(name: str, mesh, rules, inspect: bool = False, save_to: str | N
       nn.meta.unbox(methods.combine(shardings.params, shardings.frozen)))
   report = {"init_fingerprint": checkpointing.tree_fingerprint(placed),
             "host_fingerprint": checkpointing.tree_fingerprint(one_device)}
-  train_step = step.make_train_step(method, optimizer, step.LossConfig())
+  train_step = step.make_train_step(method, step.LossConfig())
   local = make_batch()
   rows = partitioning.process_batch_slice(BATCH, mesh)
   batch = partitioning.global_batch({k: v[rows] for k, v in local.items()}, mesh)

@@ -46,12 +46,12 @@ def init_state(m, batch, lr=1e-2, stage=0):
   params = nn.meta.unbox(m.init(jax.random.PRNGKey(0), batch))
   opt = make_optimizer(OptimizerConfig(learning_rate=lr, schedule="constant"), 100)
   trainable, frozen = methods.partition(params, m.stages[stage].frozen)
-  return step.TrainState.create(trainable, frozen, opt), opt
+  return step.create_train_state(trainable, frozen, opt), opt
 
 
 def assert_six_steps_lower_the_loss(m, opt, state, batch):
   """Six jitted train steps on one batch; the loss drops by 10%. Returns the state."""
-  train_step = jax.jit(step.make_train_step(m, opt, step.LossConfig()))
+  train_step = jax.jit(step.make_train_step(m, step.LossConfig()))
   losses = []
   for _ in range(6):
     state, metrics = train_step(state, batch, jax.random.PRNGKey(1))
@@ -207,7 +207,7 @@ def test_every_method_lowers_the_loss(name):
   m = build(name)
   batch = make_batch()
   state, opt = init_state(m, batch, lr=0.1)
-  train_step = jax.jit(step.make_train_step(m, opt, step.LossConfig()))
+  train_step = jax.jit(step.make_train_step(m, step.LossConfig()))
   losses = []
   for _ in range(6):
     state, metrics = train_step(state, batch, jax.random.PRNGKey(1))
@@ -222,7 +222,7 @@ def test_frozen_params_unchanged_and_stateless(name):
   batch = make_batch()
   state, opt = init_state(m, batch)
   frozen0 = jax.tree.map(np.array, state.frozen)
-  train_step = jax.jit(step.make_train_step(m, opt, step.LossConfig()))
+  train_step = jax.jit(step.make_train_step(m, step.LossConfig()))
   for _ in range(3):
     state, _ = train_step(state, batch, jax.random.PRNGKey(1))
   jax.tree.map(np.testing.assert_array_equal, frozen0, jax.tree.map(np.array, state.frozen))
@@ -270,7 +270,7 @@ def test_backbone_backprop_is_structurally_absent(name, expect_backbone_grads):
   m = build(name, lora=lora_lib.LoraConfig(rank=2))
   batch = make_batch(b=5)  # a batch size no kernel dimension shares
   state, opt = init_state(m, batch)
-  train_step = step.make_train_step(m, opt, step.LossConfig())
+  train_step = step.make_train_step(m, step.LossConfig())
   jaxpr = jax.make_jaxpr(train_step)(state, batch, jax.random.PRNGKey(1)).jaxpr
   found = _backbone_kernel_shapes() & set(_dot_shapes(jaxpr))
   assert bool(found) == expect_backbone_grads, found
@@ -419,7 +419,7 @@ def test_cached_taps_give_the_same_trajectory():
   assert taps.shape == (8, 2, tiny_cfg().emb_dim)
   cached = dict(batch, pooled_taps=np.asarray(taps))
   cached["inputs"] = np.zeros_like(batch["inputs"])  # proves the backbone is not read
-  train_step = jax.jit(step.make_train_step(m, opt, step.LossConfig()))
+  train_step = jax.jit(step.make_train_step(m, step.LossConfig()))
   a, b = state, state
   for _ in range(4):
     a, ma = train_step(a, batch, jax.random.PRNGKey(1))
@@ -437,7 +437,7 @@ def test_other_optimizers_lower_the_loss(name):
   batch = make_batch()
   params = nn.meta.unbox(m.init(jax.random.PRNGKey(0), batch))
   opt = make_optimizer(OptimizerConfig(name=name, learning_rate=0.05, schedule="constant"), 10)
-  state = step.TrainState.create(*methods.partition(params, m.stages[0].frozen), opt)
+  state = step.create_train_state(*methods.partition(params, m.stages[0].frozen), opt)
   assert_six_steps_lower_the_loss(m, opt, state, batch)
 
 
@@ -446,8 +446,8 @@ def test_gradient_accumulation_updates_every_k_steps():
   batch = make_batch()
   params = nn.meta.unbox(m.init(jax.random.PRNGKey(0), batch))
   opt = make_optimizer(OptimizerConfig(learning_rate=0.01, grad_accum_steps=2), 10)
-  state = step.TrainState.create(*methods.partition(params, ()), opt)
-  train_step = jax.jit(step.make_train_step(m, opt, step.LossConfig()))
+  state = step.create_train_state(*methods.partition(params, ()), opt)
+  train_step = jax.jit(step.make_train_step(m, step.LossConfig()))
   p0 = jax.tree.map(np.array, state.params)
   state, _ = train_step(state, batch, jax.random.PRNGKey(1))
   jax.tree.map(np.testing.assert_array_equal, p0, jax.tree.map(np.array, state.params))
@@ -526,7 +526,7 @@ def test_layerwise_fusion_joins_taps_inside_the_small_model():
   frozen0 = jax.tree.map(np.array, state.frozen)
   state = assert_six_steps_lower_the_loss(m, opt, state, batch)
   jax.tree.map(np.testing.assert_array_equal, frozen0, jax.tree.map(np.array, state.frozen))
-  jaxpr = jax.make_jaxpr(step.make_train_step(m, opt, step.LossConfig()))(
+  jaxpr = jax.make_jaxpr(step.make_train_step(m, step.LossConfig()))(
       state, batch, jax.random.PRNGKey(1)).jaxpr
   assert not _backbone_kernel_shapes() & set(_dot_shapes(jaxpr))
 

@@ -181,8 +181,8 @@ def test_one_model_two_trainers(exported, method):
   trainable, frozen = methods.partition(params, model.frozen)
   opt = optim.make_optimizer(optim.OptimizerConfig(learning_rate=2e-3, schedule="constant",
                                                    clip_norm=1.0), STEPS)
-  ours = step_lib.TrainState.create(trainable, frozen, opt)
-  our_step = jax.jit(step_lib.make_train_step(model.method, opt, step_lib.LossConfig()))
+  ours = step_lib.create_train_state(trainable, frozen, opt)
+  our_step = jax.jit(step_lib.make_train_step(model.method, step_lib.LossConfig()))
   for batch in batches:
     state, t5x_metrics = t5x_step(state, batch)
     ours, our_metrics = our_step(ours, batch, jax.random.PRNGKey(1))

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from levi_jax import checkpointing, tap_cache, trainer
+from levi_jax import checkpointing, tap_cache, train_setup, trainer
 from levi_jax.checkpointing import CheckpointConfig
 from levi_jax.models.levi import CACHED_TAPS
 from levi_jax.optim import OptimizerConfig
@@ -50,7 +50,7 @@ def test_cached_taps_follow_the_uncached_trajectory(tmp_path, method):
 
 
 def _attach(cache, data, seed=0, **model_kw):
-  method = trainer.build_method(trainer.ModelConfig(method="levi", **{**SMALL, **model_kw}),
+  method = train_setup.build_method(trainer.ModelConfig(method="levi", **{**SMALL, **model_kw}),
                                 data)
   boxed = method.init(jax.random.PRNGKey(seed), data.train)
   params = jax.tree.map(lambda x: np.asarray(getattr(x, "value", x)), boxed,
@@ -95,11 +95,11 @@ def test_which_methods_read_cached_taps(tmp_path):
                        ("ft", "the backbone trains"), ("levi_ft", "the backbone trains"),
                        ("lpft", "later stage"), ("lora", "LoRA"), ("levi_lora", "LoRA"),
                        ("scratch", "no single module")]:
-    method = trainer.build_method(trainer.ModelConfig(method=name, **SMALL), data)
+    method = train_setup.build_method(trainer.ModelConfig(method=name, **SMALL), data)
     source, why = tap_source_of(method)
     assert (source is not None) == (reason == ""), name
     assert reason in why, (name, why)
-  dropout = trainer.build_method(trainer.ModelConfig(
+  dropout = train_setup.build_method(trainer.ModelConfig(
       method="levi", backbone_overrides={"dropout_rate": 0.1}, **SMALL), data)
   assert "dropout" in tap_source_of(dropout)[1]
   ft = run(tmp_path / "ft", "ft", tmp_path / "cache", steps=2)
@@ -167,7 +167,7 @@ def test_row_store_serves_every_tap_set(tmp_path, taps):
 
 
 def _attach_task(cache, data, task):
-  method = trainer.build_method(trainer.ModelConfig(method="levi", **SMALL), data)
+  method = train_setup.build_method(trainer.ModelConfig(method="levi", **SMALL), data)
   boxed = method.init(jax.random.PRNGKey(0), data.train)
   params = jax.tree.map(lambda x: np.asarray(getattr(x, "value", x)), boxed,
                         is_leaf=lambda x: hasattr(x, "value"))

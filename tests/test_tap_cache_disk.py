@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from levi_jax import methods, step, tap_cache, trainer
+from levi_jax import methods, step, tap_cache, train_setup, trainer
 from levi_jax.models.levi import CACHED_TAPS, resolve_taps
 from levi_jax.optim import OptimizerConfig, make_optimizer
 
@@ -25,7 +25,7 @@ SMALL = dict(adapter_dim=16, fusion_hidden=(16,), task_hidden=(16,))
 
 def _attach(cache, data, dtype="float32"):
   """The `levi` method's params (init seed 0) and its splits with cached taps."""
-  method = trainer.build_method(trainer.ModelConfig(method="levi", **SMALL), data)
+  method = train_setup.build_method(trainer.ModelConfig(method="levi", **SMALL), data)
   boxed = method.init(jax.random.PRNGKey(0), data.train)
   params = jax.tree.map(lambda x: np.asarray(getattr(x, "value", x)), boxed,
                         is_leaf=lambda x: hasattr(x, "value"))
@@ -212,8 +212,8 @@ def test_bfloat16_taps_train_close_to_float32_ones(tmp_path):
   _, _, bf16, _ = _attach(tmp_path, data, dtype="bfloat16")
   idx = np.arange(16)
   opt = make_optimizer(OptimizerConfig(learning_rate=3e-3, schedule="constant"), 4)
-  train_step = jax.jit(step.make_train_step(method, opt, step.LossConfig()))
-  state = step.TrainState.create(*methods.partition(params, method.stages[0].frozen), opt)
+  train_step = jax.jit(step.make_train_step(method, step.LossConfig()))
+  state = step.create_train_state(*methods.partition(params, method.stages[0].frozen), opt)
   out = []
   for splits in (f32, bf16):
     batch = {k: v[idx] for k, v in splits["train"].items()}

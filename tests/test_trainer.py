@@ -14,7 +14,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from levi_jax import checkpointing, methods, partitioning, trainer
+from levi_jax import (checkpointing, evaluator, input_pipeline, methods, partitioning,
+                      train_setup, trainer)
 from levi_jax.checkpointing import CheckpointConfig
 from levi_jax.optim import OptimizerConfig
 
@@ -34,6 +35,15 @@ def run(model_dir, method="levi", steps=12, lr=3e-3, model_kw=None, batch_size=1
       loop=kw.pop("loop", trainer.LoopConfig(num_steps=steps, log_every=4)), **kw)
 
 
+def evaluate(model_dir, method="levi", steps=12, model_kw=None, batch_size=16, **kw):
+  """`evaluator.evaluate` of MODEL_DIR's checkpoint with the configs `run` trains with."""
+  kw.setdefault("task_data", task_data())
+  return evaluator.evaluate(
+      str(model_dir), model=trainer.ModelConfig(method=method, **SMALL, **(model_kw or {})),
+      data=trainer.DataConfig(batch_size=batch_size, eval_batch_size=32),
+      loop=kw.pop("loop", trainer.LoopConfig(num_steps=steps, log_every=4)), **kw)
+
+
 def logged(model_dir, key="train/loss"):
   with open(os.path.join(model_dir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
@@ -41,27 +51,27 @@ def logged(model_dir, key="train/loss"):
 
 
 def test_batches_are_a_pure_function_of_step():
-  a = trainer.batch_indices(100, 7, 16, seed=3)
-  b = trainer.batch_indices(100, 7, 16, seed=3)
+  a = input_pipeline.batch_indices(100, 7, 16, seed=3)
+  b = input_pipeline.batch_indices(100, 7, 16, seed=3)
   np.testing.assert_array_equal(a, b)
-  epoch = np.concatenate([trainer.batch_indices(100, s, 20, 3) for s in range(5)])
+  epoch = np.concatenate([input_pipeline.batch_indices(100, s, 20, 3) for s in range(5)])
   assert sorted(epoch) == list(range(100))  # one epoch sees every row once
-  assert not np.array_equal(trainer.batch_indices(100, 5, 20, 3)[:20], epoch[:20])
+  assert not np.array_equal(input_pipeline.batch_indices(100, 5, 20, 3)[:20], epoch[:20])
 
 
 def test_validation_split_is_disjoint_and_deterministic():
   rows = task_data().train
   rows = dict(rows, row_id=np.arange(len(rows["targets"])))
-  train, val = trainer.split_validation(rows, 0.25, seed=1)
+  train, val = input_pipeline.split_validation(rows, 0.25, seed=1)
   assert len(val["row_id"]) == 64 and len(train["row_id"]) == 192
   assert not set(train["row_id"]) & set(val["row_id"])
-  np.testing.assert_array_equal(trainer.split_validation(rows, 0.25, 1)[1]["row_id"],
+  np.testing.assert_array_equal(input_pipeline.split_validation(rows, 0.25, 1)[1]["row_id"],
                                 val["row_id"])
 
 
 def test_eval_batches_cover_each_row_once():
   rows = {"targets": np.arange(70, dtype=np.float32)}
-  batches = list(trainer.eval_batches(rows, 32))
+  batches = list(input_pipeline.eval_batches(rows, 32))
   assert len(batches) == 3
   w = np.concatenate([b["weights"] for b in batches])
   t = np.concatenate([b["targets"] for b in batches])
@@ -88,7 +98,7 @@ def test_every_method_trains(tmp_path, method):
 @pytest.mark.parametrize("method", ["levi", "lp"])
 def test_frozen_backbone_is_bit_identical(tmp_path, method):
   results = run(tmp_path, method)
-  m = trainer.build_method(trainer.ModelConfig(method=method, **SMALL), task_data())
+  m = train_setup.build_method(trainer.ModelConfig(method=method, **SMALL), task_data())
   first = {k: v[:16] for k, v in task_data().train.items()}
   init_rng, _ = jax.random.split(jax.random.PRNGKey(0))
   # The initial values, created the way the trainer creates them (jit, sharded).
@@ -104,24 +114,24 @@ def test_frozen_backbone_is_bit_identical(tmp_path, method):
 
 def test_eval_of_checkpoint_reproduces_training_metrics(tmp_path):
   results = run(tmp_path, "levi")
-  again = run(tmp_path, "levi", eval_only=True)
+  again = evaluate(tmp_path, "levi")
   assert again["metrics"] == results["metrics"]
   assert (tmp_path / "eval_results.json").exists()
   with pytest.raises(FileNotFoundError, match="no checkpoint at step 5"):
-    run(tmp_path, "levi", eval_only=True, restore_step=5)
+    evaluate(tmp_path, "levi", restore_step=5)
 
 
 def test_eval_writes_only_to_its_output_dir(tmp_path):
   run_dir, out = tmp_path / "run", tmp_path / "eval_out"
   trained = run(run_dir, "scratch", steps=4)
   before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
-  evaluated = run(run_dir, "scratch", steps=4, eval_only=True, output_dir=str(out))
+  evaluated = evaluate(run_dir, "scratch", steps=4, output_dir=str(out))
   assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before  # nothing written
   assert json.load(open(out / "eval_results.json"))["metrics"] == evaluated["metrics"]
   assert evaluated["metrics"] == trained["metrics"]
   (tmp_path / "a_file").write_text("")
   with pytest.raises(PermissionError, match="not a writable folder; give another"):
-    run(run_dir, "scratch", steps=4, eval_only=True, output_dir=str(tmp_path / "a_file" / "x"))
+    evaluate(run_dir, "scratch", steps=4, output_dir=str(tmp_path / "a_file" / "x"))
 
 
 def test_model_dir_with_another_model_fails_before_training(tmp_path):
@@ -144,8 +154,8 @@ def test_resume_with_other_training_settings_is_refused(tmp_path):
         loop=trainer.LoopConfig(num_steps=2, log_every=1))
   assert sorted(p.name for p in tmp_path.iterdir()) == before
   # Evaluation needs only the same model: other training settings are fine there.
-  ev = run(tmp_path, "scratch", steps=4, lr=1e-2, eval_only=True,
-           loop=trainer.LoopConfig(num_steps=2, log_every=1))
+  ev = evaluate(tmp_path, "scratch", batch_size=32,
+                loop=trainer.LoopConfig(num_steps=2, log_every=1))
   assert ev["metrics"]["validation"]["rmse"] > 0
 
 
@@ -255,7 +265,7 @@ def test_model_dir_is_locked_by_the_training_process(tmp_path, caplog):
 
 
 def test_initial_checkpoint_shape_mismatch_is_listed(tmp_path):
-  other = trainer.build_method(trainer.ModelConfig(
+  other = train_setup.build_method(trainer.ModelConfig(
       method="lp", backbone_overrides={"emb_dim": 12}, **SMALL), task_data())
   params = nn.meta.unbox(other.init(jax.random.PRNGKey(0),
                                     {k: v[:4] for k, v in task_data().train.items()}))
@@ -268,7 +278,7 @@ def test_initial_checkpoint_shape_mismatch_is_listed(tmp_path):
 
 
 def test_initial_checkpoint_restores_the_backbone(tmp_path):
-  src = trainer.build_method(trainer.ModelConfig(method="lp", **SMALL), task_data())
+  src = train_setup.build_method(trainer.ModelConfig(method="lp", **SMALL), task_data())
   params = nn.meta.unbox(src.init(jax.random.PRNGKey(42),
                                   {k: v[:4] for k, v in task_data().train.items()}))
   checkpointing.save_tree(str(tmp_path / "pre"), params["backbone"])

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from levi_jax import checkpointing, pretrained, trainer
+from levi_jax import checkpointing, pretrained, train_setup, trainer
 from levi_jax.data import spm, synthetic
 from levi_jax.input_pipeline import load_task_data
 
@@ -52,7 +52,7 @@ def test_tree_checkpoint_vocabulary_tokenizes_inputs(world, backbone_ckpt, other
   carried = pretrained.checkpoint_vocabulary(backbone_ckpt)
   assert carried.sha256 == pretrained.file_sha256(other_vocab)
   assert os.path.dirname(carried.path) == backbone_ckpt  # a copy inside the checkpoint
-  vocab = trainer.backbone_vocabulary(data_config(world), None, backbone_ckpt)
+  vocab = train_setup.backbone_vocabulary(data_config(world), None, backbone_ckpt)
   assert vocab == carried.path
   with_backbone_vocab = load_task_data(data_config(world), vocab)
   own = load_task_data(data_config(world))
@@ -64,7 +64,7 @@ def test_tree_checkpoint_vocabulary_tokenizes_inputs(world, backbone_ckpt, other
 
 def test_same_vocabulary_configured_explicitly_is_accepted(world, backbone_ckpt, other_vocab):
   cfg = data_config(world, vocabulary_path=other_vocab)
-  assert trainer.backbone_vocabulary(cfg, None, backbone_ckpt).startswith(backbone_ckpt)
+  assert train_setup.backbone_vocabulary(cfg, None, backbone_ckpt).startswith(backbone_ckpt)
 
 
 def test_other_vocabulary_fails_before_training_naming_both(tmp_path, world, backbone_ckpt,
@@ -83,7 +83,7 @@ def test_other_vocabulary_fails_before_training_naming_both(tmp_path, world, bac
 def test_env_vocabulary_is_checked_too(world, backbone_ckpt, monkeypatch):
   monkeypatch.setenv("LEVI_VOCAB_PATH", os.path.join(world, "spm.model"))
   with pytest.raises(pretrained.VocabularyMismatchError, match="configured vocabulary"):
-    trainer.backbone_vocabulary(data_config(world), None, backbone_ckpt)
+    train_setup.backbone_vocabulary(data_config(world), None, backbone_ckpt)
 
 
 def test_damaged_vocabulary_is_caught_on_load(backbone_ckpt):
@@ -114,7 +114,7 @@ def test_t5x_model_dir_names_its_vocabulary_in_gin(tmp_path, world, other_vocab)
     carried = pretrained.checkpoint_vocabulary(str(path))
     assert carried.path == other_vocab and carried.sha256 == pretrained.file_sha256(other_vocab)
   with pytest.raises(pretrained.VocabularyMismatchError):
-    trainer.backbone_vocabulary(data_config(world, vocabulary_path=os.path.join(
+    train_setup.backbone_vocabulary(data_config(world, vocabulary_path=os.path.join(
         world, "spm.model")), None, str(model_dir))
 
 
@@ -125,14 +125,14 @@ def test_t5x_vocabulary_out_of_reach_needs_a_local_copy(tmp_path, world, other_v
   (model_dir / "config.gin").write_text(
       f'seqio.SentencePieceVocabulary.sentencepiece_model_file = "{named}"\n')
   with pytest.raises(pretrained.VocabularyMismatchError, match=r"cannot be read here"):
-    trainer.backbone_vocabulary(data_config(world), None, str(model_dir))
+    train_setup.backbone_vocabulary(data_config(world), None, str(model_dir))
   # A local copy, configured explicitly, is used (its hash can't be compared).
   cfg = data_config(world, vocabulary_path=other_vocab)
-  assert trainer.backbone_vocabulary(cfg, None, str(model_dir)) == other_vocab
+  assert train_setup.backbone_vocabulary(cfg, None, str(model_dir)) == other_vocab
 
 
 def test_checkpoint_without_vocabulary_uses_the_data_vocabulary(tmp_path, world):
   path = str(tmp_path / "plain")
   checkpointing.save_tree(path, {"a": np.zeros(2)})
   assert pretrained.checkpoint_vocabulary(path) is None
-  assert trainer.backbone_vocabulary(data_config(world), None, path) is None
+  assert train_setup.backbone_vocabulary(data_config(world), None, path) is None

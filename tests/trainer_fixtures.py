@@ -3,7 +3,7 @@
 import numpy as np
 
 from levi_jax.models.task_net import CategoricalFeature
-from levi_jax.trainer import TaskData
+from levi_jax.input_pipeline import TaskData
 
 VOCAB = 40
 FEATURES = (CategoricalFeature("user_id", 30), CategoricalFeature("item_id", 20),

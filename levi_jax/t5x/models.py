@@ -43,7 +43,7 @@ from t5x import models as t5x_models
 from t5x import optimizers as t5x_optimizers
 
 from levi_jax import methods, optim, step as step_lib
-from levi_jax import trainer as trainer_lib
+from levi_jax import train_setup, trainer as trainer_lib
 from levi_jax import input_pipeline
 from levi_jax.data import tasks
 from levi_jax.input_pipeline import TaskData
@@ -153,7 +153,7 @@ class LeviT5XModel(t5x_models.BaseModel):
     input_pipeline.lookup_task(task)
     self.task = task
     self.loss_cfg = loss
-    vocab = trainer_lib.backbone_vocabulary(
+    vocab = train_setup.backbone_vocabulary(
         trainer_lib.DataConfig(task=task, data_dir=data_dir, vocabulary_path=vocabulary_path),
         None, initial_checkpoint_path)
     prepared = input_pipeline.prepare(task, data_dir or None, duplicates=duplicates)
@@ -170,7 +170,7 @@ class LeviT5XModel(t5x_models.BaseModel):
     preset_vocab = t5_encoder.PRESETS[model.backbone].vocab_size
     model = dataclasses.replace(model, backbone_overrides={"vocab_size": preset_vocab,
                                                            **model.backbone_overrides})
-    self.method = trainer_lib.build_method(model, summary)
+    self.method = train_setup.build_method(model, summary)
     self.module = self.method.module
     self.frozen = self.method.stages[0].frozen
     self._input_vocabulary = tasks.seqio.SentencePieceVocabulary(vocab)
