@@ -26,6 +26,7 @@ from levi_jax import checkpointing, methods, partitioning, step
 from levi_jax.models import t5_encoder as t5
 from levi_jax.models.task_net import CategoricalFeature, FeatureTower
 from levi_jax.optim import OptimizerConfig, make_optimizer
+from trainer_fixtures import TINY_BACKBONE
 
 STEPS = 3
 BATCH = 16
@@ -301,8 +302,7 @@ def trainer_run(model_dir: str, data_dir: str, input_shards: int = 0,
       model=trainer.ModelConfig(
           method="levi", backbone="t5_1_1_tiny", taps=(0, -1), adapter_dim=8,
           fusion_hidden=(8,), task_hidden=(8,), feature_embed_dim=4, aux_heads=False,
-          backbone_overrides={"emb_dim": 16, "num_heads": 2, "head_dim": 8, "mlp_dim": 32,
-                              "num_layers": 2}),
+          backbone_overrides=TINY_BACKBONE),
       data=trainer.DataConfig(task=TRAINER_TASK, data_dir=data_dir, batch_size=16,
                               eval_batch_size=32, seq_length=16, input_shards=input_shards,
                               tap_cache_dir=tap_cache_dir),

@@ -2,7 +2,6 @@
 
 import json
 import os
-import sys
 
 import orbax.checkpoint as ocp
 import pytest
@@ -11,8 +10,7 @@ from levi_jax import evaluator, optim, step, train_loop, trainer
 from levi_jax.checkpointing import CheckpointConfig
 from levi_jax.optim import OptimizerConfig
 
-sys.path.insert(0, os.path.dirname(__file__))
-from trainer_fixtures import task_data  # noqa: E402
+from trainer_fixtures import task_data
 
 SMALL = dict(adapter_dim=16, fusion_hidden=(16,), task_hidden=(16,))
 CONFIGS = dict(data=trainer.DataConfig(batch_size=16, eval_batch_size=32),

@@ -14,12 +14,12 @@ from experiments import (cli, driver, efficiency, layer_ablation, pretrain_synth
                          sweep)
 from levi_jax import checkpointing, demo, gin_utils, pretrained
 from levi_jax.data import paths, synthetic
+from trainer_fixtures import TINY_BACKBONE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHECKPOINT = os.path.join(ROOT, "experiments", "checkpoints", "synthetic_t5_small")
-TINY = ["trainer.ModelConfig.backbone_overrides = {'emb_dim': 16, 'num_heads': 2, "
-        "'head_dim': 8, 'mlp_dim': 32, 'num_layers': 2}", "BATCH_SIZE = 16", "SEQ_LENGTH = 24",
+TINY = [f"trainer.ModelConfig.backbone_overrides = {TINY_BACKBONE!r}", "BATCH_SIZE = 16", "SEQ_LENGTH = 24",
         "trainer.DataConfig.eval_batch_size = 1024", "optim.OptimizerConfig.warmup_steps = 0"]
 TINY_ARGS = ["--gin." + b.replace(" = ", "=", 1) for b in TINY]
 

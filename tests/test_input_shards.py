@@ -99,8 +99,8 @@ def test_load_task_data_loads_only_its_shards():
 def _model():
   return trainer.ModelConfig(method="levi", backbone="t5_1_1_tiny", taps=(-1,), adapter_dim=8,
                              fusion_hidden=(8,), task_hidden=(8,), aux_heads=False,
-                             backbone_overrides={"emb_dim": 16, "num_heads": 2, "head_dim": 8,
-                                                 "mlp_dim": 32, "num_layers": 1})
+                             backbone_overrides={**trainer_fixtures.TINY_BACKBONE,
+                                                 "num_layers": 1})
 
 
 def test_trainer_names_bad_input_shards(tmp_path):

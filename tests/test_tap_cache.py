@@ -2,7 +2,6 @@
 
 import json
 import os
-import sys
 
 import jax
 import numpy as np
@@ -13,8 +12,7 @@ from levi_jax.checkpointing import CheckpointConfig
 from levi_jax.models.levi import CACHED_TAPS
 from levi_jax.optim import OptimizerConfig
 
-sys.path.insert(0, os.path.dirname(__file__))
-from trainer_fixtures import task_data  # noqa: E402
+from trainer_fixtures import task_data
 
 SMALL = dict(adapter_dim=16, fusion_hidden=(16,), task_hidden=(16,))
 

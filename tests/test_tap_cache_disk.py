@@ -16,8 +16,7 @@ from levi_jax import methods, step, tap_cache, train_setup, trainer
 from levi_jax.models.levi import CACHED_TAPS, resolve_taps
 from levi_jax.optim import OptimizerConfig, make_optimizer
 
-sys.path.insert(0, os.path.dirname(__file__))
-from trainer_fixtures import task_data  # noqa: E402
+from trainer_fixtures import task_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(adapter_dim=16, fusion_hidden=(16,), task_hidden=(16,))

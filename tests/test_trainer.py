@@ -19,8 +19,7 @@ from levi_jax import (checkpointing, evaluator, input_pipeline, methods, partiti
 from levi_jax.checkpointing import CheckpointConfig
 from levi_jax.optim import OptimizerConfig
 
-sys.path.insert(0, os.path.dirname(__file__))
-from trainer_fixtures import task_data  # noqa: E402
+from trainer_fixtures import task_data
 
 SMALL = dict(adapter_dim=16, fusion_hidden=(16,), task_hidden=(16,))
 

@@ -8,9 +8,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from trainer_fixtures import task_data  # noqa: E402
+from trainer_fixtures import task_data
 
 from levi_jax import input_pipeline, trainer  # noqa: E402
 from levi_jax.checkpointing import CheckpointConfig  # noqa: E402

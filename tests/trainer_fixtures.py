@@ -6,6 +6,8 @@ from levi_jax.models.task_net import CategoricalFeature
 from levi_jax.input_pipeline import TaskData
 
 VOCAB = 40
+# The T5 backbone of the trainer tests: t5_1_1_tiny's layout at toy width.
+TINY_BACKBONE = {"emb_dim": 16, "num_heads": 2, "head_dim": 8, "mlp_dim": 32, "num_layers": 2}
 FEATURES = (CategoricalFeature("user_id", 30), CategoricalFeature("item_id", 20),
             CategoricalFeature("genres", 8, bag_size=3))
 
