@@ -445,6 +445,10 @@ def chart(summary: Sequence[Mapping[str, Any]], columns: Sequence[str], path: st
   table = _table(summary)
   tasks = sorted(table)
   cols = [c for c in columns if any(c in table[t] for t in tasks)]
+  if not cols:  # an interim report before any run finished: no chart, not a stale one
+    if os.path.exists(path):
+      os.remove(path)
+    return
   base = "FT" if "FT" in cols else cols[0]
   rel = np.full((len(tasks), len(cols)), np.nan)
   for i, t in enumerate(tasks):

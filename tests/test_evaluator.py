@@ -83,6 +83,10 @@ def test_evaluate_wiseft_interpolates_as_the_trainer_did(tmp_path):
   got = _evaluate(tmp_path, "wiseft")
   assert got["metrics"] == results["metrics"]
   assert got["wise_ft"] == results["wise_ft"]
+  saved = json.load(open(tmp_path / "eval_results.json"))  # default: into MODEL_DIR
+  assert saved["metrics"] == got["metrics"]
+  with pytest.raises(FileNotFoundError, match="no checkpoint at step 5"):
+    _evaluate(tmp_path, "wiseft", restore_step=5)
 
 
 def test_evaluator_needs_a_checkpoint(tmp_path):

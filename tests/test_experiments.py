@@ -146,7 +146,11 @@ def test_sweep_restrict_runs_a_method_on_part_of_the_grid(tmp_path, world):
   ran = sorted((r["column"], r["seed"]) for r in result["all_records"])
   assert ran == [("LP", 0), ("LP", 1), ("Scratch", 1)]
   assert "restricted: 'scratch=movielens_100k.gender_m_to_f@1'" in result["markdown"]
-  # --report_only trains nothing: an interim report of the finished runs.
+  # --report_only trains nothing: an interim report of the finished runs (none yet in a
+  # fresh runs folder: a table of references, no chart).
+  empty = run_sweep([*argv, "--report_only", "--out", str(tmp_path / "empty")])
+  assert empty["all_records"] == [] and not (tmp_path / "empty" / "results.png").exists()
+  assert "3 of 3 runs not finished yet" in empty["markdown"]
   interim = run_sweep([*argv, "--report_only", "--seeds", "0,1,2"])
   assert sorted((r["column"], r["seed"]) for r in interim["all_records"]) == ran
   assert "Interim report (--report_only): 1 of 4 runs not finished yet" in interim["markdown"]

@@ -111,15 +111,6 @@ def test_frozen_backbone_is_bit_identical(tmp_path, method):
   assert "backbone" not in restored["params"]
 
 
-def test_eval_of_checkpoint_reproduces_training_metrics(tmp_path):
-  results = run(tmp_path, "levi")
-  again = evaluate(tmp_path, "levi")
-  assert again["metrics"] == results["metrics"]
-  assert (tmp_path / "eval_results.json").exists()
-  with pytest.raises(FileNotFoundError, match="no checkpoint at step 5"):
-    evaluate(tmp_path, "levi", restore_step=5)
-
-
 def test_eval_writes_only_to_its_output_dir(tmp_path):
   run_dir, out = tmp_path / "run", tmp_path / "eval_out"
   trained = run(run_dir, "scratch", steps=4)
