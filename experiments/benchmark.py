@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import cli
+from levi_jax import cli
 from levi_jax import methods, partitioning, step
 from levi_jax.models import lora as lora_lib
 from levi_jax.models import t5_encoder as t5
@@ -439,4 +439,4 @@ def main(args: Settings, command: str = ""):
 
 
 if __name__ == "__main__":
-  cli.main(Settings, main, "benchmark")
+  cli.main(Settings, main, "experiments.benchmark")

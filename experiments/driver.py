@@ -26,7 +26,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import gin
 
-from experiments import cli, runs
+from experiments import runs
+from levi_jax import cli
 
 DEFAULT_DATASETS = ("movielens_100k", "amazon_2018")
 
@@ -407,4 +408,4 @@ def main(study: Study):
     print(result["markdown"])
     print(f"wrote {settings.out}/{', '.join(result['files'])}")
 
-  cli.main(study.settings, _run, study.module)
+  cli.main(study.settings, _run, f"experiments.{study.module}")

@@ -35,7 +35,8 @@ import gin
 import jax
 import numpy as np
 
-from experiments import benchmark, cli, runs
+from experiments import benchmark, runs
+from levi_jax import cli
 from clu import parameter_overview
 
 from levi_jax import input_pipeline, methods, partitioning, step, tap_cache, train_setup, trainer
@@ -300,4 +301,4 @@ def main(settings: Settings, command: str):
 
 
 if __name__ == "__main__":
-  cli.main(Settings, main, "efficiency")
+  cli.main(Settings, main, "experiments.efficiency")

@@ -22,7 +22,8 @@ from typing import Any, Mapping, Sequence
 
 import gin
 
-from experiments import cli, driver, runs
+from experiments import driver, runs
+from levi_jax import cli
 
 TAP_SET_NAMES = ("none", "last", "middle", "middle+last", "every_other", "all")
 

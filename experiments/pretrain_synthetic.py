@@ -38,7 +38,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from experiments import cli
+from levi_jax import cli
 from clu import parameter_overview
 
 from levi_jax import checkpointing, gin_utils, input_pipeline, pretrained, train_setup, trainer
@@ -254,4 +254,4 @@ def main(args: Settings, command: str):
 
 
 if __name__ == "__main__":
-  cli.main(Settings, main, "pretrain_synthetic")
+  cli.main(Settings, main, "experiments.pretrain_synthetic")

@@ -49,7 +49,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from experiments import cli, driver, runs
+from experiments import driver, runs
+from levi_jax import cli
 
 # Table columns: (label, method that is trained, how its number is read).
 MEAN_COLUMN = "train mean"

@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from experiments import cli
+from levi_jax import cli
 from levi_jax import input_pipeline, tap_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,4 +165,4 @@ def main(args: Settings, command: str = "") -> dict | None:
 
 
 if __name__ == "__main__":
-  cli.main(Settings, main, "tap_cache_memory")
+  cli.main(Settings, main, "experiments.tap_cache_memory")

@@ -8,7 +8,7 @@ README's table names the data digest it was made with, and a test recomputes
 it, so the table and the data path cannot drift apart unnoticed.
 """
 
-import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,7 +21,7 @@ import numpy as np
 import gin
 from absl import logging as absl_logging
 
-from levi_jax import gin_utils, report, train_setup, trainer
+from levi_jax import cli, gin_utils, report, train_setup, trainer
 from levi_jax.data import paths
 from levi_jax.input_pipeline import load_task_data
 
@@ -92,20 +92,25 @@ def run(out_dir: str, methods=DEMO_METHODS, bindings=(), gin_file="experiments/d
   return results, report.write_report(results, out_dir, title), note
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default="demo_out", help="output folder")
-  parser.add_argument("--methods", default=",".join(DEMO_METHODS))
-  parser.add_argument("--gin", action="append", default=[],
-                      help="extra gin binding, e.g. --gin TRAIN_STEPS=50")
-  args = parser.parse_args()
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The flags of `python -m levi_jax.demo`."""
+  out: str = cli.field("demo_out", "output folder")
+  methods: tuple[str, ...] = cli.field(DEMO_METHODS, "comma-separated methods")
+  gin_bindings: tuple[str, ...] = cli.field((), "extra gin bindings: --gin.NAME=VALUE",
+                                            multi=True)
+
+
+def demo(settings: Settings):
+  """Runs the demo `settings` describe and prints its table."""
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("levi_jax").setLevel(logging.WARNING)
-  out = os.path.abspath(args.out)
+  out = os.path.abspath(settings.out)
   t0 = time.time()
-  print(f"levi_jax demo: methods {args.methods} on the synthetic world -> {out}")
-  digests = data_digests(bindings=args.gin)
-  results, table, note = run(out, args.methods.split(","), args.gin)
+  bindings = list(settings.gin_bindings)
+  print(f"levi_jax demo: methods {','.join(settings.methods)} on the synthetic world -> {out}")
+  digests = data_digests(bindings=bindings)
+  results, table, note = run(out, list(settings.methods), bindings)
   with open(os.path.join(out, "data_sha256.json"), "w") as f:
     json.dump(digests, f, indent=1, sort_keys=True)
   if note == "randomly initialised":
@@ -116,6 +121,11 @@ def main():
   print(table)
   print(f"data digest {digests['all'][:16]} (every array's sha256: {out}/data_sha256.json)")
   print(f"wrote {out}/results.md and {out}/results.png; total {time.time() - t0:.0f}s")
+
+
+def main():
+  """`make demo`'s command line (`--out`, `--methods`, `--gin.NAME=VALUE`)."""
+  cli.main(Settings, lambda settings, _: demo(settings), "levi_jax.demo")
 
 
 if __name__ == "__main__":

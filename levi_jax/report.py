@@ -7,11 +7,13 @@ found under them becomes a row. Writes `OUT/results.md` (markdown table) and
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import glob
 import json
 import os
 from typing import Any, Sequence
+
+from levi_jax import cli
 
 
 def find_results(dirs: Sequence[str]) -> list[dict[str, Any]]:
@@ -90,15 +92,27 @@ def write_report(results: Sequence[dict], out_dir: str, title: str = "ID vs OOD 
   return table
 
 
-def main(argv: Sequence[str] | None = None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("dirs", nargs="+", help="MODEL_DIRs or folders of them")
-  parser.add_argument("--out", default=".", help="where results.md/results.png go")
-  args = parser.parse_args(argv)
-  table = write_report(find_results(args.dirs), args.out)
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The flags of `python -m levi_jax.report`."""
+  dirs: tuple[str, ...] = cli.field(help="MODEL_DIRs or folders of them", positional=True)
+  out: str = cli.field(".", "where results.md/results.png go")
+
+
+def report(settings: Settings) -> str:
+  """Writes the report of `settings.dirs`; prints and returns its table."""
+  table = write_report(find_results(settings.dirs), settings.out)
   print(table)
-  print(f"wrote {os.path.join(args.out, 'results.md')} and "
-        f"{os.path.join(args.out, 'results.png')}")
+  print(f"wrote {os.path.join(settings.out, 'results.md')} and "
+        f"{os.path.join(settings.out, 'results.png')}")
+  return table
+
+
+def main(argv: Sequence[str] | None = None):
+  """The command line; `argv` (arguments without the program name) for a call from Python."""
+  if argv is not None:
+    return report(cli.parse(Settings, argv))
+  cli.main(Settings, lambda settings, _: report(settings), "levi_jax.report")
 
 
 if __name__ == "__main__":

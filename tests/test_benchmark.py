@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from experiments import benchmark, cli
+from experiments import benchmark
+from levi_jax import cli
 from levi_jax.models import t5_encoder as t5
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,8 @@ import sys
 import gin
 import pytest
 
-from levi_jax import gin_utils, quiet, report, trainer
+from levi_jax import cli, gin_utils, quiet, report, trainer
+from levi_jax.data import inspect, synthetic_scale
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_DIR = os.path.join(ROOT, "gin")
@@ -91,6 +92,19 @@ def _results(tmp_path, name, method, ood):
        "wall_time_s": 2.0, "train_time_s": 1.0, "examples_per_s": 50.0,
        "metrics": {"id_test": {"rmse": 0.9}, "ood_test": {"rmse": ood}}}
   (d / "results.json").write_text(json.dumps(r))
+
+
+def test_every_command_takes_absl_flags_from_its_settings():
+  """One command-line style: flags (and report's positional folders) parse into settings."""
+  assert cli.parse(report.Settings, ["a", "--out", "o", "b"]) == report.Settings(("a", "b"), "o")
+  with pytest.raises(ValueError, match="give dirs"):
+    cli.parse(report.Settings, ["--out", "o"])
+  assert cli.parse(synthetic_scale.Settings, ["--out=d", "--ratings=5", "--categories=A,B"]
+                   ).categories == ("A", "B")
+  with pytest.raises(ValueError, match="give one of --list and --task"):
+    cli.parse(inspect.Settings, ["--list", "--task=x"])
+  with pytest.raises(ValueError, match="unexpected arguments"):
+    cli.parse(inspect.Settings, ["--list", "extra"])
 
 
 def test_report_table_and_chart(tmp_path):
@@ -198,7 +212,7 @@ def test_filtered_stderr_drops_noise_and_keeps_the_rest(capfd):
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
   out = _cli("levi_jax.demo", "--out", str(tmp_path), "--methods", "lp,scratch,levi",
-             "--gin", "TRAIN_STEPS=4", "--gin", "BATCH_SIZE=16")
+             "--gin.TRAIN_STEPS=4", "--gin.BATCH_SIZE=16")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Backbone: pre-trained, from experiments/checkpoints/synthetic_t5_small." in out.stdout
   md = (tmp_path / "results.md").read_text()

@@ -109,7 +109,7 @@ def test_bad_categories_and_worlds_past_today_are_refused(tmp_path):
 
 def test_command_line_writes_the_named_categories(tmp_path):
   rep = ss.main(["--out", str(tmp_path), "--ratings", "3000", "--seed", "1",
-                 "--categories", "Books", "Digital_Music"])
+                 "--categories=Books,Digital_Music"])
   assert sorted(os.listdir(tmp_path / "amazon_2018")) == [
       "Books.json.gz", "Digital_Music.json.gz", "meta_Books.json.gz", "meta_Digital_Music.json.gz"]
   table = formats.parse_amazon_2018(str(tmp_path), duplicates="error")

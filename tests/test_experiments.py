@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from absl import flags
 
-from experiments import (cli, driver, efficiency, layer_ablation, pretrain_synthetic, runs,
-                         sweep)
-from levi_jax import checkpointing, demo, gin_utils, pretrained
+from experiments import driver, efficiency, layer_ablation, pretrain_synthetic, runs, sweep
+from levi_jax import checkpointing, cli, demo, gin_utils, pretrained
 from levi_jax.data import paths, synthetic
 from trainer_fixtures import TINY_BACKBONE
 
@@ -216,7 +215,7 @@ def test_command_lines_are_absl_flags_with_gin_bindings():
     cli.parse(layer_ablation.Settings, ["--seeds=0"])  # --out is required
   assert cli.parse(layer_ablation.Settings, ["--out=o", "--tap_sets=none,all"]).tap_sets == (
       "none", "all")
-  assert cli.command_line("sweep", ["--out", "a b"]) == "python -m experiments.sweep --out 'a b'"
+  assert cli.command_line("experiments.sweep", ["--out", "a b"]) == "python -m experiments.sweep --out 'a b'"
 
 
 def test_sweep_references_only(tmp_path, world):

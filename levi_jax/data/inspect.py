@@ -14,13 +14,13 @@ minilm`, or a BERT `vocab.txt` as --vocab_path) the WordPieces the trainer feeds
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sys
 from typing import Sequence
 
 import numpy as np
 
-from levi_jax import input_pipeline, quiet
+from levi_jax import cli, input_pipeline, quiet
 from levi_jax.data import tokens
 
 
@@ -123,27 +123,35 @@ def _describe(name: str, data_dir: str | None, inputs_length: int,
     _print_example(k, task, vocab, ex)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """Runs the command line; returns the exit status."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  group = parser.add_mutually_exclusive_group(required=True)
-  group.add_argument("--list", action="store_true", help="list the registered tasks")
-  group.add_argument("--task", help="summarize this task")
-  parser.add_argument("--data_dir", default=None,
-                      help="raw files, tfds[:DIR]; unset: LEVI_DATA_DIR or the synthetic world")
-  parser.add_argument("--inputs_length", type=int, default=input_pipeline.DEFAULT_INPUTS_LENGTH)
-  vocab = parser.add_mutually_exclusive_group()
-  vocab.add_argument("--vocab_path", default=None,
-                     help="vocabulary for inputs: a SentencePiece model or a WordPiece vocab.txt")
-  vocab.add_argument("--backbone", default=None,
-                     help="read inputs as this backbone does: 'minilm' or a checkpoint path")
-  args = parser.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The flags of `python -m levi_jax.data.inspect` (`--list`, or `--task`)."""
+  list: bool = cli.field(False, "list the registered tasks")
+  task: str | None = cli.field(None, "summarize this task")
+  data_dir: str | None = cli.field(
+      None, "raw files, tfds[:DIR]; unset: LEVI_DATA_DIR or the synthetic world")
+  inputs_length: int = cli.field(input_pipeline.DEFAULT_INPUTS_LENGTH, "tokens of `inputs`")
+  vocab_path: str | None = cli.field(
+      None, "vocabulary for inputs: a SentencePiece model or a WordPiece vocab.txt")
+  backbone: str | None = cli.field(
+      None, "read inputs as this backbone does: 'minilm' or a checkpoint path")
+
+  def __post_init__(self):
+    if self.list == bool(self.task):
+      raise ValueError("give one of --list and --task")
+    if self.vocab_path and self.backbone:
+      raise ValueError("give at most one of --vocab_path and --backbone")
+
+
+def inspect(settings: Settings) -> int:
+  """Lists the tasks or summarizes one; returns the exit status."""
   try:
-    if args.list:
+    if settings.list:
       _list()
     else:
-      vocab_path = backbone_vocab_path(args.backbone) if args.backbone else args.vocab_path
-      _describe(args.task, args.data_dir, args.inputs_length, vocab_path)
+      vocab_path = (backbone_vocab_path(settings.backbone) if settings.backbone
+                    else settings.vocab_path)
+      _describe(settings.task, settings.data_dir, settings.inputs_length, vocab_path)
   except (input_pipeline.UnknownTaskError, input_pipeline.MissingFilesError,
           input_pipeline.MalformedDataError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -151,5 +159,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line; returns the exit status. `argv` (arguments without the program
+  name) for a call from Python."""
+  if argv is not None:
+    return inspect(cli.parse(Settings, argv))
+  cli.main(Settings, lambda settings, _: inspect(settings), "levi_jax.data.inspect")
+  return 0
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  main()

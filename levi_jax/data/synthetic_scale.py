@@ -33,12 +33,11 @@ Row r depends on the seed, the chunk size and r only, not on the number of
 ratings: a larger world starts with the rows of a smaller one.
 
 Command line:
-    python -m levi_jax.data.synthetic_scale --out DIR --ratings N [--seed S] [--categories ...]
+    python -m levi_jax.data.synthetic_scale --out DIR --ratings N [--seed=S] [--categories=A,B]
 """
 
 from __future__ import annotations
 
-import argparse
 import calendar
 import contextlib
 import dataclasses
@@ -52,6 +51,7 @@ from typing import Sequence
 
 import numpy as np
 
+from levi_jax import cli
 from levi_jax.data import schema
 from levi_jax.data.synthetic import AMAZON_CATEGORIES
 
@@ -344,20 +344,33 @@ def write_scale_world(out_dir: str, num_ratings: int, seed: int = 0,
   return report
 
 
-def main(argv: Sequence[str] | None = None) -> ScaleReport:
-  """The command line (see the module docstring); prints and returns the report."""
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--out", required=True, help="data dir; files go to OUT/amazon_2018/")
-  p.add_argument("--ratings", required=True, type=int, help="rating rows to write")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--categories", nargs="+", default=list(DEFAULT_CATEGORIES))
-  p.add_argument("--chunk_rows", type=int, default=DEFAULT_CHUNK_ROWS)
-  args = p.parse_args(argv)
-  rep = write_scale_world(args.out, args.ratings, args.seed, args.categories, args.chunk_rows)
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The flags of `python -m levi_jax.data.synthetic_scale`."""
+  out: str = cli.field(help="data dir; files go to OUT/amazon_2018/")
+  ratings: int = cli.field(help="rating rows to write")
+  seed: int = cli.field(0, "the world's seed")
+  categories: tuple[str, ...] = cli.field(tuple(DEFAULT_CATEGORIES),
+                                          "comma-separated Amazon categories")
+  chunk_rows: int = cli.field(DEFAULT_CHUNK_ROWS, "rows generated and written at a time")
+
+
+def write(settings: Settings) -> ScaleReport:
+  """Writes the world `settings` describe; prints and returns the report."""
+  rep = write_scale_world(settings.out, settings.ratings, settings.seed,
+                          list(settings.categories), settings.chunk_rows)
   print(f"{rep.rows} ratings ({rep.users} users, {rep.items} items, {rep.meta_rows} metadata "
         f"lines) in {rep.seconds:.1f} s: {rep.rows_per_s:,.0f} rows/s, "
-        f"{rep.bytes / 1e6:.1f} MB on disk in {os.path.join(args.out, SUBDIR)}")
+        f"{rep.bytes / 1e6:.1f} MB on disk in {os.path.join(settings.out, SUBDIR)}")
   return rep
+
+
+def main(argv: Sequence[str] | None = None) -> ScaleReport | None:
+  """The command line; `argv` (arguments without the program name) for a call from Python."""
+  if argv is not None:
+    return write(cli.parse(Settings, argv))
+  cli.main(Settings, lambda settings, _: write(settings), "levi_jax.data.synthetic_scale")
+  return None
 
 
 if __name__ == "__main__":

@@ -18,11 +18,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
 
-from levi_jax import checkpointing, pretrained
+from levi_jax import checkpointing, cli, pretrained
 from levi_jax.checkpoints import t5x as t5x_ckpt
 from levi_jax.data import paths
 
@@ -73,13 +74,23 @@ def export(checkpoint: str, out: str) -> str:
   return step_dir
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The flags of `python -m levi_jax.t5x.backbone`."""
+  checkpoint: str = cli.field(help="a levi_jax backbone tree checkpoint")
+  out: str = cli.field(help="the T5X model dir to write checkpoint_0 into")
+
+
+def _export(settings: Settings) -> int:
+  print(export(settings.checkpoint, settings.out))
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-  import argparse
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--checkpoint", required=True, help="a levi_jax backbone tree checkpoint")
-  p.add_argument("--out", required=True, help="the T5X model dir to write checkpoint_0 into")
-  args = p.parse_args(argv)
-  print(export(args.checkpoint, args.out))
+  """The command line; `argv` (arguments without the program name) for a call from Python."""
+  if argv is not None:
+    return _export(cli.parse(Settings, argv))
+  cli.main(Settings, lambda settings, _: _export(settings), "levi_jax.t5x.backbone")
   return 0
 
 

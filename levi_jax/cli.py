@@ -1,13 +1,15 @@
-"""Command lines of the experiment scripts: absl flags declared by a settings dataclass.
+"""Command lines: absl flags declared by a settings dataclass, one style for every command.
 
-Each script (`python -m experiments.<name>`) takes one frozen dataclass; every
-field is a flag of the same name, default and help (`field`), so the settings
-and the flags cannot drift. Gin files and bindings are given as to
+Each command (`python -m levi_jax.<name>`, `python -m experiments.<name>`)
+takes one frozen dataclass; every field is a flag of the same name, default
+and help (`field`), so the settings and the flags cannot drift. Gin files and bindings are given as to
 `levi_jax.train`: `--gin_file=F` (repeatable) and `--gin.NAME=VALUE`
 (`gin_utils.rewrite_gin_args`; a field named `gin_bindings`). Modules define
-no flags at import: `main` defines those of the script that runs (as T5X's
-`train.py` does under `__main__`), so the scripts import each other freely.
-Only absl is imported here: `benchmark.py` runs where gin is not installed.
+no flags at import: `main` defines those of the command that runs (as T5X's
+`train.py` does under `__main__`), so the modules import each other freely.
+Only absl is imported here: `experiments/benchmark.py` runs where gin is not
+installed. (`levi_jax.train`/`eval` bind gin configurables, not a dataclass,
+and define their flags in `gin_utils.define_flags`.)
 """
 
 from __future__ import annotations
@@ -24,11 +26,18 @@ from absl import logging as absl_logging
 
 def field(default: Any = dataclasses.MISSING,
           help: str = "", *,  # pylint: disable=redefined-builtin
-          multi: bool = False, choices: Sequence[str] = ()) -> Any:
+          multi: bool = False, choices: Sequence[str] = (), positional: bool = False) -> Any:
   """A settings field and its flag: no `default` makes the flag required; `multi`: a
-  repeatable flag (`--gin_file=a --gin_file=b`), otherwise a tuple is comma-separated."""
+  repeatable flag (`--gin_file=a --gin_file=b`), otherwise a tuple is comma-separated;
+  `positional`: a tuple field that takes the arguments after the flags, not a flag."""
   return dataclasses.field(default=default,
-                           metadata={"help": help, "multi": multi, "choices": tuple(choices)})
+                           metadata={"help": help, "multi": multi, "choices": tuple(choices),
+                                     "positional": positional})
+
+
+def _positional(cls: type) -> str | None:
+  """The name of `cls`'s positional field, if it has one."""
+  return next((f.name for f in dataclasses.fields(cls) if f.metadata.get("positional")), None)
 
 
 def _kind(hint: Any) -> tuple[str, type]:
@@ -47,6 +56,8 @@ def define(cls: type, flag_values: flags.FlagValues = flags.FLAGS,
   `module_name`, so that `--help` lists them for the script that runs)."""
   hints = typing.get_type_hints(cls)
   for f in dataclasses.fields(cls):
+    if f.metadata.get("positional"):
+      continue
     kind, _ = _kind(hints[f.name])
     meta = f.metadata
     required = f.default is dataclasses.MISSING
@@ -66,12 +77,22 @@ def define(cls: type, flag_values: flags.FlagValues = flags.FLAGS,
       flags.mark_flag_as_required(f.name, flag_values=flag_values)
 
 
-def from_flags(cls: type, flag_values: flags.FlagValues = flags.FLAGS):
-  """The settings the parsed flags give (`cls` validates them)."""
+def from_flags(cls: type, flag_values: flags.FlagValues = flags.FLAGS,
+               rest: Sequence[str] = ()):
+  """The settings the parsed flags (and the arguments after them, `rest`) give (`cls`
+  validates them)."""
   hints = typing.get_type_hints(cls)
+  positional = _positional(cls)
+  if rest and positional is None:
+    raise ValueError(f"unexpected arguments: {list(rest)}")
   values = {}
   for f in dataclasses.fields(cls):
     kind, element = _kind(hints[f.name])
+    if f.name == positional:
+      if not rest and f.default is dataclasses.MISSING:
+        raise ValueError(f"give {f.name}: {f.metadata.get('help', '')}")
+      values[f.name] = tuple(element(v) for v in rest) if rest else f.default
+      continue
     value = flag_values[f.name].value
     values[f.name] = tuple(element(v) for v in value or ()) if kind == "tuple" else value
   return cls(**values)
@@ -88,30 +109,29 @@ def parse(cls: type, argv: Sequence[str]):
   """The settings of command-line arguments `argv` (without the program name)."""
   flag_values = flags.FlagValues()
   define(cls, flag_values)
-  flag_values(["prog", *_rewrite(argv)])
-  return from_flags(cls, flag_values)
+  rest = flag_values(["prog", *_rewrite(argv)])[1:]
+  return from_flags(cls, flag_values, rest)
 
 
 def command_line(module: str, argv: Sequence[str] | None = None) -> str:
-  """The command that ran `experiments.<module>` with `argv` (default: this process's)."""
-  return f"python -m experiments.{module} " + " ".join(
+  """The command that ran `python -m <module>` with `argv` (default: this process's)."""
+  return f"python -m {module} " + " ".join(
       shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
 
 def main(cls: type, run: Callable[[Any, str], Any], module: str):
-  """The script's entry: defines `cls`'s flags, parses sys.argv (absl `app.run`: --help,
-  --flagfile) and calls `run(settings, command_line)`."""
+  """The entry of `python -m <module>`: defines `cls`'s flags, parses sys.argv (absl
+  `app.run`: --help, --flagfile) and calls `run(settings, command_line)`."""
   define(cls, module_name=sys.argv[0])
   command = command_line(module)
 
   def _main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/jax chatter
     try:
-      settings = from_flags(cls)
+      settings = from_flags(cls, rest=argv[1:])
     except ValueError as e:
       raise app.UsageError(str(e)) from None
-    run(settings, command)
+    status = run(settings, command)
+    return status if isinstance(status, int) else None  # app.run exits with it
 
   app.run(_main, argv=_rewrite(sys.argv))
