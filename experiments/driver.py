@@ -44,11 +44,9 @@ class Settings:
   steps: int | None = cli.field(None, "TRAIN_STEPS (default: the gin's)")
   data_dir: str = cli.field("", "raw data folder ('' = the gin's DATA_DIR; demo: the "
                                 "synthetic world)")
-  backbone: str = cli.field("config", "config: as the gin files set it; random; minilm",
-                            choices=sorted(runs.BACKBONES))
-  gin_file: tuple[str, ...] = cli.field(runs.BASE_GIN, "base gin files (repeatable)", multi=True)
-  gin_bindings: tuple[str, ...] = cli.field((), "extra gin bindings, also as --gin.NAME=VALUE",
-                                            multi=True)
+  backbone: str = runs.backbone_flag()
+  gin_file: tuple[str, ...] = runs.gin_file_flag()
+  gin_bindings: tuple[str, ...] = runs.gin_bindings_flag()
   no_tap_cache: bool = cli.field(False, "compute the backbone's taps in every run")
   oov_dropout: float = cli.field(0.0, "train the small model with this share of known feature "
                                       "ids set to OOV (runs.oov_dropout); its runs go to "

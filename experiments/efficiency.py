@@ -238,11 +238,9 @@ class Settings:
   warmup: int = cli.field(2, "untimed steps after compiling")
   e2e_steps: int | None = cli.field(None, "end-to-end training steps (default: the gin's "
                                           "TRAIN_STEPS; 0: skip)")
-  backbone: str = cli.field("config", "config: as the gin files set it; random; minilm",
-                            choices=sorted(runs.BACKBONES))
-  gin_file: tuple[str, ...] = cli.field(runs.BASE_GIN, "base gin files (repeatable)", multi=True)
-  gin_bindings: tuple[str, ...] = cli.field((), "extra gin bindings, also as --gin.NAME=VALUE",
-                                            multi=True)
+  backbone: str = runs.backbone_flag()
+  gin_file: tuple[str, ...] = runs.gin_file_flag()
+  gin_bindings: tuple[str, ...] = runs.gin_bindings_flag()
 
   def __post_init__(self):
     unknown = set(self.variants) - set(VARIANTS)

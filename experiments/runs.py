@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import gin
 import numpy as np
 
-from levi_jax import demo, gin_utils, input_pipeline, train_setup, trainer
+from levi_jax import cli, demo, gin_utils, input_pipeline, train_setup, trainer
 from levi_jax.data import paths
 from levi_jax.models.task_net import OOV_ID
 
@@ -33,6 +33,23 @@ BACKBONES = {
     "random": ("INITIAL_CHECKPOINT_PATH = None",),
     "minilm": ("include 'models/minilm_l6.gin'", "INITIAL_CHECKPOINT_PATH = None"),
 }
+
+
+def backbone_flag():
+  """The `--backbone` field of a script's settings (one of BACKBONES)."""
+  return cli.field("config", "config: as the gin files set it; random; minilm",
+                   choices=sorted(BACKBONES))
+
+
+def gin_file_flag():
+  """The `--gin_file` field: base gin files, repeatable."""
+  return cli.field(BASE_GIN, "base gin files (repeatable)", multi=True)
+
+
+def gin_bindings_flag():
+  """The `--gin.NAME=VALUE` field (`--gin_bindings`), repeatable."""
+  return cli.field((), "extra gin bindings, also as --gin.NAME=VALUE", multi=True)
+
 # Cached backbone taps need a frozen backbone; the trainer skips the cache otherwise.
 TAP_CACHE_METHODS = ("levi", "lp", "ensemble")
 # Methods whose small model embeds the categorical features (the others read text only).
