@@ -47,6 +47,7 @@ warning), 'drop' (the first of each is kept) or 'error'.
 
 from __future__ import annotations
 
+import array
 import calendar
 import gzip
 import html
@@ -63,7 +64,7 @@ import numpy as np
 from levi_jax.data import schema
 from levi_jax.data.load_report import (FileReport, LoadReport, MalformedDataError,
                                        missing_files_error)
-from levi_jax.data.table import RatingsTable, build_table
+from levi_jax.data.table import Interned, RatingsTable, build_table
 
 # The year of each dataset's first rating; earlier timestamps are malformed rows.
 # MovieLens began in 1997 (100K: Sep 1997 - Apr 1998). The 1M ratings were made
@@ -185,12 +186,11 @@ class _Ratings:
     self.duplicates = duplicates
     self._earliest = calendar.timegm((first_year, 1, 1, 0, 0, 0))
     self._latest = int(time.time()) + _CLOCK_SLACK_S
-    self.user_ids: list[str] = []
-    self.item_ids: list[str] = []
-    self.ratings: list[float] = []
-    self.timestamps: list[int] = []
-    self._files: list[FileReport] = []
-    self._lines: list[int] = []
+    # One entry per row, held compactly (a few bytes a row, each id string once).
+    self.user_ids, self.item_ids = Interned(), Interned()
+    self.ratings, self.timestamps = array.array("d"), array.array("q")
+    self._reports: list[FileReport] = []
+    self._file, self._lines = array.array("i"), array.array("q")
 
   def add(self, rep: FileReport, line_no: int, user: str, item: str, rating: float, ts: int,
           what: str = "timestamp") -> None:
@@ -205,20 +205,24 @@ class _Ratings:
     if ts > self._latest:
       raise _BadRow(f"{what} {ts} ({_date(ts)}) is in the future; expected seconds since 1970 "
                     f"from {self.first_year} on")
+    if not self._reports or self._reports[-1] is not rep:
+      self._reports.append(rep)
     self.user_ids.append(user)
     self.item_ids.append(item)
     self.ratings.append(rating)
     self.timestamps.append(ts)
-    self._files.append(rep)
+    self._file.append(len(self._reports) - 1)
     self._lines.append(line_no)
+
+  def _report(self, row: int) -> FileReport:
+    return self._reports[self._file[row]]
 
   def _duplicates(self) -> tuple[np.ndarray, np.ndarray]:
     """Positions of rows repeating an earlier row's (user, item, timestamp), and of that row."""
     n = len(self.timestamps)
     if n < 2:
       return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    u = np.unique(np.asarray(self.user_ids, dtype=object).astype(str), return_inverse=True)[1]
-    i = np.unique(np.asarray(self.item_ids, dtype=object).astype(str), return_inverse=True)[1]
+    u, i = self.user_ids.code_array(), self.item_ids.code_array()  # equal ids, equal codes
     t = np.asarray(self.timestamps, np.int64)
     order = np.lexsort((t, i, u))  # Stable: equal keys stay in reading order.
     su, si, st = u[order], i[order], t[order]
@@ -227,7 +231,7 @@ class _Ratings:
     first = order[np.flatnonzero(new_key)[np.cumsum(new_key) - 1]]
     return order[1:][same], first[1:][same]
 
-  def columns(self) -> dict[str, list]:
+  def columns(self) -> dict[str, Any]:
     """The rows for `build_table`, after counting duplicates and applying the policy.
 
     Raises:
@@ -241,13 +245,13 @@ class _Ratings:
       return cols
     by_file: dict[str, list[tuple[int, int]]] = {}
     for d, f in sorted(zip(dup.tolist(), first.tolist())):
-      by_file.setdefault(self._files[d].path, []).append((d, f))
+      by_file.setdefault(self._report(d).path, []).append((d, f))
     problems = []
     for pairs in by_file.values():
       d, f = pairs[0]
-      rep = self._files[d]
-      where = (f"line {self._lines[f]}" if self._files[f] is rep
-               else f"line {self._lines[f]} of {self._files[f].path}")
+      rep = self._report(d)
+      where = (f"line {self._lines[f]}" if self._report(f) is rep
+               else f"line {self._lines[f]} of {self._report(f).path}")
       differ = sum(self.ratings[a] != self.ratings[b] for a, b in pairs)
       text = (f"{len(pairs)} duplicated (user, item, timestamp) rating rows"
               f"{f' ({differ} with another rating)' if differ else ''}, e.g. line "
@@ -267,8 +271,9 @@ class _Ratings:
     if self.duplicates == "drop":
       keep = np.ones(len(self.timestamps), bool)
       keep[dup] = False
-      kept = np.flatnonzero(keep).tolist()
-      cols = {name: [col[j] for j in kept] for name, col in cols.items()}
+      kept = np.flatnonzero(keep)
+      cols = {name: col.select(kept) if isinstance(col, Interned) else np.asarray(col)[kept]
+              for name, col in cols.items()}
     return cols
 
 

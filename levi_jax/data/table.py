@@ -17,6 +17,7 @@ Pure numpy; no TensorFlow.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import re
 from typing import Any, Iterator, Mapping, Sequence
@@ -121,8 +122,8 @@ def _column_array(values: Sequence[Any], kind: str) -> np.ndarray:
   raise ValueError(f"unknown column kind {kind!r}")
 
 
-def build_table(dataset: str, source: str, *, user_ids: Sequence[str],
-                item_ids: Sequence[str], ratings: Sequence[float],
+def build_table(dataset: str, source: str, *, user_ids: Sequence[str] | Interned,
+                item_ids: Sequence[str] | Interned, ratings: Sequence[float],
                 timestamps: Sequence[int], user_attrs: Mapping[str, Mapping[str, Any]],
                 item_attrs: Mapping[str, Mapping[str, Any]], user_columns: Mapping[str, str],
                 item_columns: Mapping[str, str], report: LoadReport) -> RatingsTable:
@@ -131,7 +132,8 @@ def build_table(dataset: str, source: str, *, user_ids: Sequence[str],
   Args:
     dataset: dataset name.
     source: where the data came from (for messages).
-    user_ids, item_ids, ratings, timestamps: one entry per rating.
+    user_ids, item_ids, ratings, timestamps: one entry per rating (ids as
+      strings, or `Interned`).
     user_attrs: user id -> {column: value}; users without an entry get missing values.
     item_attrs: item id -> {column: value}.
     user_columns, item_columns: column name -> kind ('str', 'bag', 'bool',
@@ -141,12 +143,8 @@ def build_table(dataset: str, source: str, *, user_ids: Sequence[str],
   Returns:
     The table, with `add_derived_columns` applied.
   """
-  uid = np.asarray(user_ids, dtype=object)
-  iid = np.asarray(item_ids, dtype=object)
-  users, uinv = np.unique(uid.astype(str), return_inverse=True) if len(uid) else (
-      np.array([], dtype=str), np.array([], dtype=np.int64))
-  items, iinv = np.unique(iid.astype(str), return_inverse=True) if len(iid) else (
-      np.array([], dtype=str), np.array([], dtype=np.int64))
+  users, uinv = _sorted_ids(user_ids)
+  items, iinv = _sorted_ids(item_ids)
   rating = np.asarray(ratings, dtype=np.float32)
   ts = np.asarray(timestamps, dtype=np.int64)
   # Canonical order: time, then user, item (ids are sorted, so indices order them), rating.
@@ -162,6 +160,57 @@ def build_table(dataset: str, source: str, *, user_ids: Sequence[str],
   table = RatingsTable(dataset, source, user_table, item_table, rows, report)
   add_derived_columns(table)
   return table
+
+
+class Interned:
+  """A column of strings as per-row int32 codes into its distinct values (first seen first).
+
+  What a parser holds per rating row is then 4 bytes, not a string object: each
+  user's and item's id is held once, however many rows name it.
+  """
+
+  def __init__(self):
+    self.codes = array.array("i")
+    self.values: list[str] = []
+    self._index: dict[str, int] = {}
+
+  def append(self, value: str) -> None:
+    code = self._index.get(value)
+    if code is None:
+      code = self._index[value] = len(self.values)
+      self.values.append(value)
+    self.codes.append(code)
+
+  def __len__(self) -> int:
+    return len(self.codes)
+
+  def __getitem__(self, row: int) -> str:
+    return self.values[self.codes[row]]
+
+  def code_array(self) -> np.ndarray:
+    """The codes as int32 `[rows]` (equal strings, equal codes)."""
+    return np.frombuffer(self.codes, np.int32).copy() if len(self.codes) else np.zeros(0, np.int32)
+
+  def select(self, rows: np.ndarray) -> "Interned":
+    """Rows `rows` only (values no kept row names stay, unused)."""
+    out = Interned()
+    out.values, out._index = self.values, self._index
+    out.codes = array.array("i", self.code_array()[rows].tobytes())
+    return out
+
+
+def _sorted_ids(ids: Sequence[str] | Interned) -> tuple[np.ndarray, np.ndarray]:
+  """The distinct ids, sorted, and each row's index among them (`np.unique`'s inverse)."""
+  if not len(ids):
+    return np.array([], dtype=str), np.array([], dtype=np.int64)
+  if not isinstance(ids, Interned):
+    return np.unique(np.asarray(ids, dtype=object).astype(str), return_inverse=True)
+  used, inverse = np.unique(ids.code_array(), return_inverse=True)
+  values = np.asarray([ids.values[c] for c in used.tolist()], dtype=str)
+  order = np.argsort(values, kind="stable")
+  rank = np.empty(len(order), np.int64)
+  rank[order] = np.arange(len(order))
+  return values[order], rank[inverse]
 
 
 def weighted_share(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
