@@ -50,6 +50,7 @@ def gin_bindings_flag():
   """The `--gin.NAME=VALUE` field (`--gin_bindings`), repeatable."""
   return cli.field((), "extra gin bindings, also as --gin.NAME=VALUE", multi=True)
 
+
 # Cached backbone taps need a frozen backbone; the trainer skips the cache otherwise.
 TAP_CACHE_METHODS = ("levi", "lp", "ensemble")
 # Methods whose small model embeds the categorical features (the others read text only).

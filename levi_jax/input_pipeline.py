@@ -11,6 +11,8 @@ read examples through this module. The path, by module:
       -> encoded features + texts                 levi_jax.data.prepare (PreparedTask)
       -> tokens                                   levi_jax.data.tokens (spm, wordpiece)
       -> arrays (`load_split_arrays`)  |  seqio Task (levi_jax.data.tasks)
+         in memory, or on disk once
+         (levi_jax.data.example_cache)
       -> input shards (`InputShards`)  |  seqio.ShardInfo
       -> batches (`shard_batch_indices`, `eval_batches`)
 
@@ -31,6 +33,12 @@ concatenation, in shard order, of every shard's `batch_size / num_shards`
 rows, so for a given number of input shards it is the same however many
 processes read them. Evaluation covers every row once in fixed-size batches
 padded with weight-0 rows, the same number of batches on every process.
+
+With `DataConfig.example_cache_dir` set, `load_task_data` reads the examples
+from disk (`levi_jax.data.example_cache`, written on the first run): each
+split's columns are then `disk_array.RowView`s of one record file, a
+process's shards a view of its rows, and `take` reads a batch's rows of all
+columns at once; the batches are those of the in-memory arrays.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import functools
 
 import numpy as np
 
+from levi_jax import disk_array
 from levi_jax.data import datasets
 from levi_jax.data.load_report import MalformedDataError, MissingFilesError
 from levi_jax.data.prepare import (PreparedTask, UnknownTaskError, feature_specs, lookup_task,
@@ -51,8 +60,8 @@ __all__ = [
     "Arrays", "DEFAULT_INPUTS_LENGTH", "InputShards", "MalformedDataError", "MissingFilesError",
     "PreparedTask", "TaskData", "UnknownTaskError", "batch_indices", "eval_batches",
     "feature_specs", "load_split_arrays", "load_task_data", "lookup_task", "num_rows",
-    "prepare", "select_shards", "shard_batch_indices", "split_validation", "task_names",
-    "tokenize", "vocabulary_path", "vocabulary_size",
+    "prepare", "select_shards", "shard_batch_indices", "split_validation", "take",
+    "task_names", "tokenize", "vocabulary_path", "vocabulary_size",
 ]
 
 Arrays = dict[str, np.ndarray]
@@ -129,6 +138,11 @@ class TaskData:
 def num_rows(arrays: Arrays) -> int:
   """The number of examples in `arrays`."""
   return len(arrays["targets"])
+
+
+def take(arrays: Arrays, index: np.ndarray) -> Arrays:
+  """Rows `index` of every column (columns on disk: one read of their records)."""
+  return disk_array.gather(arrays, index)
 
 
 def select_shards(data: TaskData, shards: InputShards) -> TaskData:
@@ -210,7 +224,7 @@ def eval_batches(arrays: Arrays, batch_size: int, num_batches: int | None = None
     idx = np.arange(start, start + batch_size)
     real = idx < n
     idx = np.where(real, idx, 0)
-    batch = {k: v[idx] for k, v in arrays.items()}
+    batch = take(arrays, idx)
     batch["weights"] = real.astype(np.float32)
     yield batch
 
@@ -276,7 +290,12 @@ def load_task_data(cfg, vocabulary_file: str | None = None,
       task's own: a SentencePiece model, or a WordPiece `vocab.txt` (BERT).
     shards: load only these input shards' rows of every split (only they are
       tokenized and kept); None: every row.
+
+  With `cfg.example_cache_dir`, the splits are read from the examples on disk
+  (`disk_examples`), written first if missing.
   """
+  if getattr(cfg, "example_cache_dir", ""):
+    return disk_examples(cfg, vocabulary_file, shards)
   task = prepare(cfg.task, cfg.data_dir or None, duplicates=cfg.duplicates)
   arrays, sizes = {}, {}
   for split in task.splits:
@@ -288,4 +307,27 @@ def load_task_data(cfg, vocabulary_file: str | None = None,
   vocab_size = vocabulary_size(vocabulary_path(cfg.task, task.data_dir, vocabulary_file))
   return TaskData(train=arrays.pop("train"), evals=arrays,
                   features=tuple(task.feature_specs), vocab_size=vocab_size, shards=shards,
+                  split_sizes=sizes if shards is not None else {})
+
+
+def disk_examples(cfg, vocabulary_file: str | None = None,
+                  shards: InputShards | None = None) -> TaskData:
+  """The task's splits as views of its examples on disk (`levi_jax.data.example_cache`).
+
+  Every column is a `disk_array.RowView` of the split's record file, holding
+  only `shards`' rows (none of them read until a batch asks); the same rows,
+  in the same order, as `load_task_data` holds in memory.
+  """
+  from levi_jax.data import example_cache  # pylint: disable=g-import-not-at-top
+  entry, _ = example_cache.load(cfg.example_cache_dir, cfg.task, cfg.data_dir or None,
+                                vocabulary_file, cfg.seq_length, cfg.duplicates)
+  arrays, sizes = {}, {}
+  for split, records in entry.splits.items():
+    sizes[split] = len(records)
+    rows = None if shards is None else disk_array.RowMap(len(records), shards.num_shards,
+                                                         shards.owned)
+    digests = entry.manifest["splits"][split]["sha256"]
+    arrays[split] = {k: disk_array.RowView(records, k, rows, digests[k]) for k in entry.fields}
+  return TaskData(train=arrays.pop("train"), evals=arrays, features=entry.features,
+                  vocab_size=entry.vocab_size, shards=shards,
                   split_sizes=sizes if shards is not None else {})

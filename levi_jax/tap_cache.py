@@ -9,7 +9,8 @@ trajectory as running the backbone (tests/test_tap_cache.py).
 
 Entries are `.npz` files under `cache_dir/<task>/`, named by a key over
 everything the taps depend on: the task and split, the split's `inputs`
-(content hash, so the sequence length and any change in the data count),
+(content hash, so the sequence length and any change in the data count; for
+examples on disk, the digest their entry recorded, so nothing is re-read),
 the backbone's weights (`checkpointing.tree_fingerprint`) and architecture, the
 resolved tap set, the pooling, and the storage (dtype and `LAYOUT`). A change
 in any of them gives a new key, so a stale entry is never read (it can be
@@ -44,201 +45,25 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
-import struct
 import time
-import zipfile
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import flax.linen as nn
 import jax
-import ml_dtypes
 import numpy as np
 
 from levi_jax import checkpointing, methods, partitioning
+from levi_jax.disk_array import (BFLOAT16, DiskArray, iter_chunks, read_npz_array, sha256_update,
+                                 write_npz)
 from levi_jax.models.levi import CACHED_TAPS, EnsembleModel, ViewFusionModel, resolve_taps
 
 log = logging.getLogger("levi_jax")
 Arrays = dict[str, np.ndarray]
 
 LAYOUT = 2  # 1: whole-split `np.savez` entries read into memory; 2: chunked, read by rows
-STORAGE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+STORAGE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BFLOAT16}
 CHUNK_BYTES = 64 << 20  # taps gathered from the row store per write of an entry
-
-
-# --- On-disk arrays: written in chunks, read a batch of rows at a time --------------
-
-
-class DiskArray:
-  """A read-only `[rows, ...]` array in a file, gathered a batch at a time.
-
-  Indexing (`a[idx]`, `a[i:j]`, `a[i]`) reads just those rows, one positional
-  read (`os.pread`) per run of consecutive rows, into a new array: the
-  process holds the batch and nothing else of the file (the rows come through
-  the page cache, which the kernel reclaims at will). Not a memory map: the
-  pages a map touches stay in the process's resident set, and the kernel maps
-  the page cache's large folios whole (Linux 6.18, ext4), so one gather of 256
-  random rows from a 307 MB map made 120 MB of it resident and an epoch of
-  batches all of it (experiments/tap_cache_memory.py; a map's gathers are
-  ~10x faster from the page cache). `np.asarray(a)` reads the whole array.
-  The file stays open: a file renamed over it later is not seen.
-  """
-
-  def __init__(self, path: str, offset: int, shape: tuple[int, ...], dtype):
-    self.path, self.offset = path, offset
-    self.shape, self.dtype = tuple(int(s) for s in shape), np.dtype(dtype)
-    self._row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
-    self._fd = os.open(path, os.O_RDONLY)
-
-  def __del__(self, _close=os.close):  # os may be gone when the interpreter exits
-    if getattr(self, "_fd", None) is not None:
-      _close(self._fd)
-      self._fd = None
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  @property
-  def nbytes(self) -> int:
-    return self.shape[0] * self._row_bytes
-
-  def __len__(self) -> int:
-    return self.shape[0]
-
-  def __repr__(self) -> str:
-    return f"DiskArray({self.path!r}, shape={self.shape}, dtype={self.dtype})"
-
-  def __getitem__(self, index) -> np.ndarray:
-    """Rows by a slice, an integer, an integer array (any shape) or a boolean mask."""
-    if isinstance(index, slice):
-      start, stop, step = index.indices(len(self))
-      return self._run(start, stop) if step == 1 else self._read(np.arange(start, stop, step))
-    rows = np.asarray(index)
-    if rows.dtype == bool:
-      rows = np.flatnonzero(rows)
-    if rows.dtype.kind not in "iu":
-      raise IndexError(f"a DiskArray is indexed by rows, not by {index!r}")
-    rows = np.where(rows < 0, rows + len(self), rows).astype(np.int64)
-    if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
-      raise IndexError(f"rows {index} out of range for {len(self)} rows")
-    return self._read(rows.reshape(-1)).reshape(rows.shape + self.shape[1:])
-
-  def __array__(self, dtype=None, copy=None) -> np.ndarray:
-    if copy is False:
-      raise ValueError("a DiskArray is read by copying it out of its file")
-    out = self._run(0, len(self))
-    return out if dtype is None else out.astype(dtype)
-
-  def _read(self, rows: np.ndarray) -> np.ndarray:
-    """The rows (int64 `[k]`, in range), in their order, repeats included."""
-    starts = np.flatnonzero(np.diff(rows, prepend=rows[:1] - 2) != 1)  # runs of rows
-    if len(starts) <= 1:  # one run (an evaluation batch, a slice): one read
-      first = int(rows[0]) if len(rows) else 0
-      return self._run(first, first + len(rows))
-    sizes = (np.diff(starts, append=len(rows)) * self._row_bytes).tolist()
-    offsets = (rows[starts] * self._row_bytes + self.offset).tolist()
-    pread, fd = os.pread, self._fd  # a syscall per run: ~1 us a row from the page cache
-    parts = [pread(fd, n, o) for n, o in zip(sizes, offsets)]
-    if sum(map(len, parts)) != sum(sizes):  # a short read: finish the runs one by one
-      parts = [self._bytes(n, o) for n, o in zip(sizes, offsets)]
-    out = np.frombuffer(bytearray().join(parts), self.dtype)
-    return out.reshape((len(rows),) + self.shape[1:])
-
-  def _run(self, start: int, stop: int) -> np.ndarray:
-    """Rows `start..stop-1`, read straight into a new array."""
-    buf = np.empty((max(stop - start, 0),) + self.shape[1:], self.dtype)
-    self._fill(memoryview(buf.reshape(-1).view(np.uint8)), self.offset + start * self._row_bytes)
-    return buf
-
-  def _bytes(self, size: int, offset: int) -> bytearray:
-    out = bytearray(size)
-    self._fill(memoryview(out), offset)
-    return out
-
-  def _fill(self, into: memoryview, offset: int):
-    """Reads `len(into)` bytes of the file at `offset` into `into`."""
-    done = 0
-    while done < len(into):
-      n = os.preadv(self._fd, [into[done:]], offset + done)
-      if n <= 0:
-        raise OSError(f"{self.path} ends {len(into) - done} bytes early (truncated?)")
-      done += n
-
-
-def _disk_dtype(dtype: np.dtype) -> np.dtype:
-  """What a `.npy` header can name: bfloat16 is stored as its uint16 bits."""
-  return np.dtype(np.uint16) if dtype == STORAGE_DTYPES["bfloat16"] else dtype
-
-
-def write_npz(path: str, small: Mapping[str, Any], name: str, shape: tuple[int, ...], dtype,
-              chunks: Iterable[np.ndarray]) -> None:
-  """Writes an uncompressed `.npz` at `path` without holding its big array in memory.
-
-  The `small` arrays are written whole, then the array `name` of `shape`
-  from `chunks` (consecutive rows, in order, cast to `dtype`) as they come.
-  The file is renamed into place only once every row is written, so nothing
-  incomplete is ever at `path`: an exception removes the temporary file, a
-  kill leaves it (`<path>.tmp-<process>-<pid>`, never read; delete at will).
-  A reader holding a previous file at `path` keeps reading that one.
-  `np.load` reads the result.
-  """
-  dtype = np.dtype(dtype)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp-{jax.process_index()}-{os.getpid()}"
-  try:
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-      for k, v in small.items():
-        with zf.open(f"{k}.npy", "w", force_zip64=True) as f:
-          np.lib.format.write_array(f, np.asarray(v), allow_pickle=False)
-      with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-        np.lib.format.write_array_header_2_0(f, {
-            "descr": np.lib.format.dtype_to_descr(_disk_dtype(dtype)),
-            "fortran_order": False, "shape": tuple(shape)})
-        done = 0
-        for chunk in chunks:
-          chunk = np.ascontiguousarray(np.asarray(chunk).astype(dtype, copy=False))
-          if chunk.shape[1:] != tuple(shape[1:]) or done + len(chunk) > shape[0]:
-            raise ValueError(f"{path}: a chunk of shape {chunk.shape} after {done} rows does "
-                             f"not fit an array of shape {tuple(shape)}")
-          f.write(chunk.reshape(-1).view(np.uint8))
-          done += len(chunk)
-        if done != shape[0]:
-          raise ValueError(f"{path}: {done} rows written of {shape[0]}")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def read_npz_array(path: str, name: str, dtype=None) -> DiskArray:
-  """The array `name` of an uncompressed `.npz`, read from the file as needed
-  (`DiskArray`).
-
-  `dtype`: what its bytes hold when the header names only their width
-  (bfloat16, stored as uint16); None: the header's dtype.
-  """
-  with zipfile.ZipFile(path) as zf:
-    info = zf.getinfo(f"{name}.npy")
-  if info.compress_type != zipfile.ZIP_STORED:
-    raise ValueError(f"{path}: {name} is compressed; its rows cannot be read in place")
-  with open(path, "rb") as f:
-    f.seek(info.header_offset)
-    local = f.read(30)  # the local file header: name and extra-field lengths at 26 and 28
-    if local[:4] != b"PK\x03\x04":
-      raise ValueError(f"{path}: no zip member header at {info.header_offset}")
-    f.seek(info.header_offset + 30 + sum(struct.unpack("<HH", local[26:30])))
-    version = np.lib.format.read_magic(f)
-    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                   else np.lib.format.read_array_header_2_0)
-    shape, fortran, stored = read_header(f)
-    offset = f.tell()
-  dtype = stored if dtype is None else np.dtype(dtype)
-  if fortran or stored.itemsize != dtype.itemsize:
-    raise ValueError(f"{path}: {name} ({stored}, fortran={fortran}) cannot be read as {dtype}")
-  return DiskArray(path, offset, shape, dtype)
 
 
 # --- Which methods read taps, and what an entry depends on -------------------------
@@ -290,9 +115,12 @@ def cache_key(task: str, split: str, inputs: np.ndarray, backbone_hash: str,
               source: TapSource, dtype: str = "float32") -> dict[str, Any]:
   """What the taps of one split depend on, and how they are stored (hashed into the
   entry's name)."""
-  inputs = np.ascontiguousarray(inputs)
-  digest = hashlib.sha256(f"{inputs.dtype}{inputs.shape}".encode())
-  digest.update(inputs.reshape(-1).view(np.uint8))
+  digest = hashlib.sha256(f"{np.dtype(inputs.dtype)}{tuple(inputs.shape)}".encode())
+  known = getattr(inputs, "content_sha256", None)  # examples on disk: their recorded digest
+  if known:
+    digest.update(f"examples {known}".encode())
+  else:
+    sha256_update(digest, inputs)  # by chunks: inputs may be on disk
   cfg = source.module.backbone.config
   return {
       "task": task, "split": split, "rows": int(inputs.shape[0]),
@@ -373,10 +201,12 @@ def compute_taps(source: TapSource, backbone: Any, inputs: np.ndarray, mesh: jax
 
 def row_hashes(inputs: np.ndarray) -> np.ndarray:
   """The sha1 of every token row, as `S20` bytes `[rows]`."""
-  inputs = np.ascontiguousarray(inputs)
   out = np.empty((len(inputs),), "S20")
-  for i, r in enumerate(inputs):
-    out[i] = hashlib.sha1(r.tobytes()).digest()
+  i = 0
+  for chunk in iter_chunks(inputs):  # inputs may be on disk
+    for r in np.ascontiguousarray(chunk):
+      out[i] = hashlib.sha1(r.tobytes()).digest()
+      i += 1
   return out
 
 

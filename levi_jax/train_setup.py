@@ -20,7 +20,8 @@ from clu import parameter_overview
 
 from levi_jax import checkpointing, methods, partitioning, tap_cache
 from levi_jax.input_pipeline import (InputShards, TaskData, load_task_data, num_rows,
-                                     select_shards, shard_batch_indices, split_validation)
+                                     select_shards, shard_batch_indices, split_validation,
+                                     take)
 from levi_jax.models import lora as lora_lib
 from levi_jax.models import t5_encoder
 from levi_jax.models.task_net import FeatureTower, TokenTower, validate_features
@@ -38,6 +39,7 @@ def check_filesystem_paths(model_dir: str | None, model: Any, data: Any,
   mounted with gcsfuse, an NFS share)."""
   for what, path in (("MODEL_DIR", model_dir), ("DataConfig.data_dir", data.data_dir),
                      ("DataConfig.tap_cache_dir", data.tap_cache_dir),
+                     ("DataConfig.example_cache_dir", data.example_cache_dir),
                      ("DataConfig.vocabulary_path", data.vocabulary_path),
                      ("INITIAL_CHECKPOINT_PATH", initial_checkpoint_path),
                      ("PretrainedConfig.path", model.pretrained and model.pretrained.path)):
@@ -88,7 +90,7 @@ class RunData:
     """This process's rows of training batch `step` (a pure function of seed and step)."""
     idx = shard_batch_indices(self.shards, self.sizes["train"], step, self.batch_size,
                               self.seed)
-    return {k: v[idx] for k, v in self.train.items()}
+    return take(self.train, idx)
 
   def input_record(self) -> dict[str, Any]:
     """The `input` entry of results.json: shard counts and rows per split."""

@@ -123,6 +123,11 @@ class DataConfig:
     tap_cache_dir: where a frozen backbone's pooled taps are cached
       (`levi_jax.tap_cache`); batches then carry them and the backbone does
       not run. Empty: off. Methods that train the backbone ignore it.
+    example_cache_dir: where the task's parsed, tokenized examples are kept
+      on disk (`levi_jax.data.example_cache`): the first run writes them,
+      every run reads its batches from there (nothing parsed or tokenized,
+      host memory independent of the data's size). Empty: every split is
+      parsed and held in memory. The batches are the same either way.
     tap_cache_dtype: how cached taps are stored: "float32" (the taps as
       computed) or "bfloat16" (half the disk and page cache; the taps rounded).
     vocabulary_path: the vocabulary that tokenizes `inputs`. Empty: the one
@@ -147,6 +152,7 @@ class DataConfig:
   validation_fraction: float = 0.1
   seed: int = 0
   tap_cache_dir: str = ""
+  example_cache_dir: str = ""
   tap_cache_dtype: str = "float32"
   vocabulary_path: str = ""
   input_shards: int = 0

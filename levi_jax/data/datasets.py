@@ -198,7 +198,9 @@ def dataset_dir_candidates(dataset: str, data_dir: str) -> list[str]:
   return [os.path.join(data_dir, get_spec(dataset).subdir), data_dir]
 
 
-def _fingerprint(dataset: str, data_dir: str) -> tuple:
+def fingerprint(dataset: str, data_dir: str) -> tuple:
+  """What identifies the dataset's files in `data_dir`: each file's folder, name, size and
+  modification time (a TFDS source: its name only)."""
   if paths.is_tfds(data_dir):
     return (data_dir,)
   out = []
@@ -240,8 +242,13 @@ def load_table(dataset: str, data_dir: str | None = None,
   if resolved is None:
     raise ValueError(f"load_table({dataset!r}): no data_dir and no ${paths.DATA_DIR_ENV}; "
                      "levi_jax.data.prepare.resolve_data_dir(None) names the default world")
-  return _load_table(spec.name, resolved, _fingerprint(spec.name, resolved), max_bad_fraction,
+  return _load_table(spec.name, resolved, fingerprint(spec.name, resolved), max_bad_fraction,
                      duplicates)
+
+
+def clear_cache() -> None:
+  """Drops the tables `load_table` holds (they are re-read on the next call)."""
+  _load_table.cache_clear()
 
 
 @functools.lru_cache(maxsize=8)

@@ -235,6 +235,12 @@ def _prepare(name: str, data_dir: str, table: RatingsTable) -> PreparedTask:
   return PreparedTask(name, spec, shift, table, splits, features, user_text, item_text, data_dir)
 
 
+def clear_cache() -> None:
+  """Drops the prepared tasks this process holds (they are rebuilt on the next call)."""
+  _prepare.cache_clear()
+  _side_texts.cache_clear()
+
+
 @functools.lru_cache(maxsize=8)
 def _side_texts(table: RatingsTable) -> tuple[np.ndarray, np.ndarray]:
   return datasets.side_texts(table)
