@@ -8,6 +8,10 @@ single-device run of `run_training` in the test process.
     python tests/sharding_worker.py meshes OUT_DIR --method levi
     python tests/sharding_worker.py multiprocess OUT_DIR --port P --process_id I --num_processes N
     python tests/sharding_worker.py trainer OUT_DIR --data_dir WORLD --port P --process_id I
+    python tests/sharding_worker.py distributed OUT_DIR --data_dir WORLD --port P --process_id I
+
+`distributed` does what `multiprocess` and then `trainer` do, in one
+`jax.distributed` session (one start-up of each process for both).
 """
 
 from __future__ import annotations
@@ -262,27 +266,36 @@ def meshes(out_dir: str, name: str):
     json.dump(report, f)
 
 
-def multiprocess(out_dir: str, port: int, process_id: int, num_processes: int):
-  """One of `num_processes` processes training LEVI on a mesh spanning them."""
+def _initialize(port: int, process_id: int, num_processes: int):
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
                              num_processes=num_processes, process_id=process_id,
                              initialization_timeout=60)
+
+
+def multiprocess(out_dir: str, port: int, process_id: int, num_processes: int):
+  """One of `num_processes` processes training LEVI on a mesh spanning them."""
+  _initialize(port, process_id, num_processes)
   try:
-    n = jax.device_count()
-    result = {"process_count": np.asarray(jax.process_count()),
-              "device_count": np.asarray(n)}
-    # Processes own rows of the batch (2x2), then the model axis spans them (1x4).
-    for data, model in ((n // 2, 2), (1, n)):
-      mesh = partitioning.make_mesh(partitioning.MeshConfig(data, model))
-      result[f"{data}x{model}/shard"] = np.asarray(partitioning.process_shard(mesh))
-      arrays, report = run_training("levi", mesh, partitioning.LOGICAL_RULES)
-      for k, v in arrays.items():
-        result[f"{data}x{model}/{k}"] = v
-      for k in ("init_fingerprint", "host_fingerprint"):
-        result[f"{data}x{model}/{k}"] = np.asarray(report[k])
-    np.savez(os.path.join(out_dir, f"process_{process_id}.npz"), **result)
+    _multiprocess_checks(out_dir, process_id)
   finally:
     jax.distributed.shutdown()
+
+
+def _multiprocess_checks(out_dir: str, process_id: int):
+  """`multiprocess`'s trainings, in an initialised `jax.distributed` session."""
+  n = jax.device_count()
+  result = {"process_count": np.asarray(jax.process_count()),
+            "device_count": np.asarray(n)}
+  # Processes own rows of the batch (2x2), then the model axis spans them (1x4).
+  for data, model in ((n // 2, 2), (1, n)):
+    mesh = partitioning.make_mesh(partitioning.MeshConfig(data, model))
+    result[f"{data}x{model}/shard"] = np.asarray(partitioning.process_shard(mesh))
+    arrays, report = run_training("levi", mesh, partitioning.LOGICAL_RULES)
+    for k, v in arrays.items():
+      result[f"{data}x{model}/{k}"] = v
+    for k in ("init_fingerprint", "host_fingerprint"):
+      result[f"{data}x{model}/{k}"] = np.asarray(report[k])
+  np.savez(os.path.join(out_dir, f"process_{process_id}.npz"), **result)
 
 
 TRAINER_TASK = "movielens_100k.gender_m_to_f"
@@ -315,21 +328,38 @@ def trainer_run(model_dir: str, data_dir: str, input_shards: int = 0,
 def trainer_process(out_dir: str, data_dir: str, port: int, process_id: int,
                     num_processes: int):
   """One of `num_processes` processes running `trainer_run` together."""
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
-                             num_processes=num_processes, process_id=process_id,
-                             initialization_timeout=60)
+  _initialize(port, process_id, num_processes)
   try:
-    results = trainer_run(os.path.join(out_dir, "run"), data_dir,
-                          tap_cache_dir=os.path.join(out_dir, "tap_cache"))
-    with open(os.path.join(out_dir, f"trainer_{process_id}.json"), "w") as f:
-      json.dump(results, f)
+    _trainer_checks(out_dir, data_dir, process_id)
+  finally:
+    jax.distributed.shutdown()
+
+
+def _trainer_checks(out_dir: str, data_dir: str, process_id: int):
+  """`trainer_process`'s run, in an initialised `jax.distributed` session."""
+  results = trainer_run(os.path.join(out_dir, "run"), data_dir,
+                        tap_cache_dir=os.path.join(out_dir, "tap_cache"))
+  with open(os.path.join(out_dir, f"trainer_{process_id}.json"), "w") as f:
+    json.dump(results, f)
+
+
+def distributed(out_dir: str, data_dir: str, port: int, process_id: int, num_processes: int):
+  """`multiprocess`, then `trainer_process`, in one `jax.distributed` session.
+
+  Both write into `out_dir`: `process_{id}.npz` first, then `trainer_{id}.json`
+  with the run's `run/` and `tap_cache/` folders.
+  """
+  _initialize(port, process_id, num_processes)
+  try:
+    _multiprocess_checks(out_dir, process_id)
+    _trainer_checks(out_dir, data_dir, process_id)
   finally:
     jax.distributed.shutdown()
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("mode", choices=("meshes", "multiprocess", "trainer"))
+  parser.add_argument("mode", choices=("meshes", "multiprocess", "trainer", "distributed"))
   parser.add_argument("out_dir")
   parser.add_argument("--data_dir")
   parser.add_argument("--method", choices=METHODS, default="levi")
@@ -339,6 +369,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.mode == "meshes":
     meshes(args.out_dir, args.method)
+  elif args.mode == "distributed":
+    distributed(args.out_dir, args.data_dir, args.port, args.process_id, args.num_processes)
   elif args.mode == "trainer":
     trainer_process(args.out_dir, args.data_dir, args.port, args.process_id, args.num_processes)
   else:

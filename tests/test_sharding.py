@@ -41,21 +41,26 @@ def _spawn(args, devices: int) -> subprocess.Popen:
 
 
 def _wait(proc: subprocess.Popen, what: str):
-  try:
-    out, _ = proc.communicate(timeout=TIMEOUT_S)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    out, _ = proc.communicate()
-    pytest.fail(f"{what} ran past {TIMEOUT_S}s:\n{out[-3000:]}")
-  assert proc.returncode == 0, f"{what} failed:\n{out[-3000:]}"
+  """Waits for a worker (once; later calls check the same exit) and checks it succeeded."""
+  if not hasattr(proc, "output"):
+    try:
+      proc.output, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.output, _ = proc.communicate()
+      pytest.fail(f"{what} ran past {TIMEOUT_S}s:\n{proc.output[-3000:]}")
+  assert proc.returncode == 0, f"{what} failed:\n{proc.output[-3000:]}"
 
 
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
-  """Starts the 8-device run and the two-process run; kills them at the end."""
+  """Starts the 8-device runs and the two-process runs; kills them at the end.
+
+  The same two `jax.distributed` processes train on meshes spanning them, then
+  run `trainer.train` together (their outputs share one folder).
+  """
   mesh_dir = tmp_path_factory.mktemp("meshes")
   mp_dir = tmp_path_factory.mktemp("multiprocess")
-  trainer_dir = tmp_path_factory.mktemp("trainer")
   world = str(tmp_path_factory.mktemp("world"))
   synthetic.write_world(world, num_users=80, num_items=40, pretrain_num_users=20,
                         pretrain_num_items=20, formats=("ml-100k",))
@@ -64,16 +69,11 @@ def workers(tmp_path_factory):
   procs = {name: _spawn(["meshes", str(mesh_dir), "--method", name], devices=8)
            for name in worker.METHODS}
   for i in range(2):
-    procs[f"process_{i}"] = _spawn(["multiprocess", str(mp_dir), "--port", str(port),
-                                    "--process_id", str(i), "--num_processes", "2"],
-                                   devices=2)
-  trainer_port = _free_port()
-  for i in range(2):
-    procs[f"trainer_{i}"] = _spawn(["trainer", str(trainer_dir), "--data_dir", world,
-                                    "--port", str(trainer_port), "--process_id", str(i),
+    procs[f"process_{i}"] = _spawn(["distributed", str(mp_dir), "--data_dir", world,
+                                    "--port", str(port), "--process_id", str(i),
                                     "--num_processes", "2"], devices=2)
   try:
-    yield {"procs": procs, "meshes": mesh_dir, "multiprocess": mp_dir, "trainer": trainer_dir,
+    yield {"procs": procs, "meshes": mesh_dir, "multiprocess": mp_dir, "trainer": mp_dir,
            "world": world}
   finally:
     for proc in procs.values():
@@ -223,7 +223,7 @@ def test_trainer_two_processes_read_their_shards(workers, tmp_path):
   """`trainer.train` on two processes: each loads only its input shard of every
   split, and the run equals one process reading both shards (input_shards=2)."""
   for i in range(2):
-    _wait(workers["procs"][f"trainer_{i}"], f"trainer process {i}")
+    _wait(workers["procs"][f"process_{i}"], f"process {i}")
   runs = [json.load(open(workers["trainer"] / f"trainer_{i}.json")) for i in range(2)]
   one = worker.trainer_run(str(tmp_path / "one"), workers["world"], input_shards=2)
   sizes = one["input"]["split_rows"]
