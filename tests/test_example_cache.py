@@ -22,7 +22,7 @@ SMALL = dict(adapter_dim=16, fusion_hidden=(16,), task_hidden=(16,), backbone_ov
 
 def _data(cache_dir="", **kw):
   return trainer.DataConfig(task=TASK, example_cache_dir=str(cache_dir), seq_length=24,
-                            batch_size=16, eval_batch_size=64, **kw)
+                            batch_size=16, eval_batch_size=256, **kw)
 
 
 def _splits(task_data):
@@ -280,3 +280,19 @@ def test_disk_inputs_name_their_content_for_the_tap_cache(tmp_path):
   entry, _ = example_cache.load(str(tmp_path), TASK, inputs_length=24)
   assert whole.train["inputs"].content_sha256 == entry.manifest["splits"]["train"]["sha256"][
       "inputs"]
+
+
+def test_scale_phases_run_on_a_small_generated_world(tmp_path):
+  """experiments.scale's preprocess and training phases, in this process, on 20K ratings."""
+  from experiments import scale
+  from levi_jax.data import synthetic_scale
+  settings = scale.Settings(ratings=(20_000,), work_dir=str(tmp_path), steps=3, batch_size=32,
+                            seq_length=16)
+  synthetic_scale.write_scale_world(scale._paths(settings, 20_000)["world"], 20_000)
+  pre = scale._preprocess(settings, 20_000)
+  assert not pre["hit"] and pre["rows"] == sum(pre["split_rows"].values()) > 15_000
+  assert pre["bytes_per_row"] >= pre["record_bytes"] == 16 * 4 + 4 * sum(
+      f["bag_size"] or 1 for f in pre["features"]) + 4
+  small = scale._train(settings, 20_000, "scratch")
+  assert small["loss_finite"] and small["examples_per_s"] > 0 and small["load_s"] < 60
+  assert scale._preprocess(settings, 20_000)["hit"]  # the entry is read, not rewritten
