@@ -187,12 +187,30 @@ def split_validation(arrays: Arrays, fraction: float, seed: int) -> tuple[Arrays
   return pick(order[k:]), pick(order[:k])
 
 
-@functools.lru_cache(maxsize=8)
+# (n, seed) -> {epoch: its permutation}, the two epochs last used (a batch straddles at most two).
+_PERMUTATIONS: dict[tuple[int, tuple[int, ...]], dict[int, np.ndarray]] = {}
+_MAX_STREAMS = 256  # input shards' streams kept (a process reads a few)
+
+
 def _epoch_permutation(n: int, seed: tuple[int, ...], epoch: int) -> np.ndarray:
-  """The seeded order of epoch `epoch` (read-only; drawn once per epoch, not per step)."""
-  perm = np.random.default_rng([*seed, epoch]).permutation(n)
-  perm = perm.astype(np.int32) if n < 2**31 else perm
-  perm.flags.writeable = False
+  """The seeded order of epoch `epoch` (read-only; drawn once per epoch, not per step).
+
+  Per stream (rows, seed), only the two epochs last used are held, so host
+  memory is two permutations of each input shard however long the run is
+  (an LRU over all streams kept old epochs: 8 x 4 bytes a row after 8 epochs).
+  """
+  held = _PERMUTATIONS.pop((n, seed), {})
+  _PERMUTATIONS[(n, seed)] = held  # most recently used stream last
+  while len(_PERMUTATIONS) > _MAX_STREAMS:
+    _PERMUTATIONS.pop(next(iter(_PERMUTATIONS)))
+  perm = held.pop(epoch, None)
+  if perm is None:
+    perm = np.random.default_rng([*seed, epoch]).permutation(n)
+    perm = perm.astype(np.int32) if n < 2**31 else perm
+    perm.flags.writeable = False
+  held[epoch] = perm  # most recently used epoch last
+  while len(held) > 2:
+    held.pop(next(iter(held)))
   return perm
 
 

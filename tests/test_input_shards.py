@@ -118,13 +118,16 @@ def test_trainer_names_bad_input_shards(tmp_path):
     trainer.DataConfig(input_shards=-1)
 
 
-def test_batches_are_epochs_of_seeded_permutations_drawn_once_per_epoch():
+def test_batches_are_epochs_of_seeded_permutations_drawn_once_and_two_epochs_held():
   """Each epoch is numpy's permutation for (seed, epoch); batches straddle epoch ends."""
   n, batch, seed = 10, 4, (3, 1)
   expected = np.concatenate([np.random.default_rng([*seed, e]).permutation(n) for e in range(4)])
   got = np.concatenate([input_pipeline.batch_indices(n, s, batch, seed) for s in range(10)])
   np.testing.assert_array_equal(got, expected[:40])
   assert got.dtype == np.int64
-  before = input_pipeline._epoch_permutation.cache_info().misses
-  input_pipeline.batch_indices(n, 1, batch, seed)  # epoch 0, drawn above
-  assert input_pipeline._epoch_permutation.cache_info().misses == before
+  first = input_pipeline._epoch_permutation(n, seed, 3)
+  assert input_pipeline._epoch_permutation(n, seed, 3) is first  # drawn once, then held
+  assert set(input_pipeline._PERMUTATIONS[(n, seed)]) == {2, 3}  # only the two last used
+  input_pipeline.batch_indices(n, 1, batch, seed)  # epoch 0 again: drawn again, the same
+  assert set(input_pipeline._PERMUTATIONS[(n, seed)]) == {3, 0}
+  assert input_pipeline._epoch_permutation(n, seed, 3) is first
