@@ -63,11 +63,6 @@ class Settings:
   phase_ratings: int = cli.field(0, "internal: the world size of --phase")
 
 
-def _status(field: str) -> int:
-  with open("/proc/self/status") as f:
-    return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
 def _paths(settings: Settings, n: int) -> dict[str, str]:
   root = os.path.join(settings.work_dir, f"n{n}")
   return {"world": os.path.join(root, "world"), "examples": os.path.join(root, "examples"),
@@ -199,7 +194,8 @@ def _phase(settings: Settings) -> None:
         "small": lambda s, n: _train(s, n, "scratch"),
         "levi_cached": lambda s, n: _train(s, n, "levi")}[settings.phase]
   out = fn(settings, n)
-  out["peak_rss_mb"] = _status("VmHWM") / 2**20
+  from experiments.tap_cache_memory import status  # pylint: disable=g-import-not-at-top
+  out["peak_rss_mb"] = status("VmHWM") / 2**20
   print("PHASE_RESULT " + json.dumps(out, default=float), flush=True)
 
 

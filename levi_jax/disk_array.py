@@ -32,7 +32,25 @@ def _process_index() -> int:
   return jax.process_index() if jax is not None else 0
 
 
-class DiskArray:
+class _Rows:
+  """What `DiskArray` and `RowView` share: a `shape` of `[rows, ...]` and a `dtype`."""
+
+  shape: tuple[int, ...]
+  dtype: np.dtype
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    return math.prod(self.shape) * self.dtype.itemsize
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+
+class DiskArray(_Rows):
   """A read-only `[rows, ...]` array in a file, gathered a batch at a time.
 
   Indexing (`a[idx]`, `a[i:j]`, `a[i]`) reads just those rows, one positional
@@ -57,17 +75,6 @@ class DiskArray:
     if getattr(self, "_fd", None) is not None:
       _close(self._fd)
       self._fd = None
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  @property
-  def nbytes(self) -> int:
-    return self.shape[0] * self._row_bytes
-
-  def __len__(self) -> int:
-    return self.shape[0]
 
   def __repr__(self) -> str:
     return f"DiskArray({self.path!r}, shape={self.shape}, dtype={self.dtype})"
@@ -203,7 +210,7 @@ def read_npz_array(path: str, name: str, dtype=None) -> DiskArray:
   return DiskArray(path, offset, shape, dtype)
 
 
-class RowView:
+class RowView(_Rows):
   """Rows `rows` (None: all) of `base`, its record field `field` (None: the records whole).
 
   `base` is a `DiskArray` (or an array) of `[n, ...]`; `rows` a `RowMap`
@@ -238,17 +245,6 @@ class RowView:
       return self._sha256
     spec = f"{self._sha256}/{self.rows.num_rows}/{self.rows.num_shards}/{self.rows.owned.tolist()}"
     return hashlib.sha256(spec.encode()).hexdigest()
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  @property
-  def nbytes(self) -> int:
-    return math.prod(self.shape) * self.dtype.itemsize
-
-  def __len__(self) -> int:
-    return self.shape[0]
 
   def __repr__(self) -> str:
     return f"RowView({self.base!r}, field={self.field!r}, shape={self.shape})"

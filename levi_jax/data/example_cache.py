@@ -138,8 +138,14 @@ def _split_chunks(task: prepare_lib.PreparedTask, split: str, vocab: str, inputs
     out = np.empty((len(fields["targets"]),), dtype)
     for k, v in fields.items():
       out[k] = v
-      digests[k].update(np.ascontiguousarray(v).reshape(-1).view(np.uint8))
+    _hash_fields(digests, out)
     yield out
+
+
+def _hash_fields(digests: dict[str, Any], records: np.ndarray) -> None:
+  """Feeds each field of a chunk of records, row-major, to its digest (as written, as verified)."""
+  for k, d in digests.items():
+    d.update(np.ascontiguousarray(records[k]).reshape(-1).view(np.uint8))
 
 
 def write(cache_dir: str, key: dict[str, Any], vocabulary_file: str | None = None,
@@ -248,9 +254,7 @@ def verify(entry: Entry) -> None:
   for split, records in entry.splits.items():
     digests = {k: hashlib.sha256() for k in entry.fields}
     for start in range(0, len(records), CHUNK_ROWS):
-      chunk = records[start:start + CHUNK_ROWS]
-      for k in entry.fields:
-        digests[k].update(np.ascontiguousarray(chunk[k]).reshape(-1).view(np.uint8))
+      _hash_fields(digests, records[start:start + CHUNK_ROWS])
     for k, d in digests.items():
       want = entry.manifest["splits"][split]["sha256"][k]
       if d.hexdigest() != want:
