@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# pytest-xdist workers for `make test` (each test file runs whole on one worker).
+TEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile constraints.txt | sha1sum | cut -c1-12)
 
 .PHONY: test demo venv clean constraints
@@ -17,7 +19,7 @@ $(STAMP): setup.py Makefile constraints.txt
 	touch $(STAMP)
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: venv
 	$(PY) -m levi_jax.demo

@@ -57,6 +57,7 @@ setup(
         ],
         "test": [
             "pytest>=8.0",
+            "pytest-xdist>=3.5",  # make test runs the files on 2 workers
             "seqio>=0.0.20",
             "tensorflow>=2.21",
             "tensorflow-text>=2.21",
