@@ -6,7 +6,7 @@
         --variant 'late + OOV dropout=experiments/results/ml100k_minilm_oov:LEVI'
 
 Each `LABEL=FOLDER:COLUMN` names one column of a finished study's
-`summary.csv` (`experiments.sweep`, `experiments.layer_ablation`): the
+`summary.csv` (`experiments.sweep`): the
 per-shift mean validation, ID-test and OOD-test RMSE over seeds, at the
 learning rate validation chose there. Studies may cover different shifts, and
 a dataset variant (`movielens_100k_history`) the same shift under another task
@@ -66,7 +66,7 @@ def read_summary(v: Variant) -> dict[str, dict[str, float]]:
   path = os.path.join(v.folder, "summary.csv")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"variant {v.label!r}: no {path} (a finished study's folder, "
-                            "written by experiments.sweep or experiments.layer_ablation)")
+                            "written by experiments.sweep)")
   with open(path) as f:
     rows = list(csv.DictReader(f))
   columns = sorted({r["column"] for r in rows})
