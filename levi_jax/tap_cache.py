@@ -59,6 +59,8 @@ from levi_jax.disk_array import (BFLOAT16, DiskArray, iter_chunks, read_npz_arra
 from levi_jax.models.levi import CACHED_TAPS, EnsembleModel, ViewFusionModel, resolve_taps
 
 log = logging.getLogger("levi_jax")
+# How often a long backbone pass logs its progress (INFO; the study scripts print it).
+PROGRESS_EVERY_S = 60.0
 Arrays = dict[str, np.ndarray]
 
 LAYOUT = 2  # 1: whole-split `np.savez` entries read into memory; 2: chunked, read by rows
@@ -180,10 +182,16 @@ def iter_taps(source: TapSource, backbone: Any, inputs: np.ndarray, mesh: jax.sh
   local = partitioning.local_batch_size(batch_size, mesh)
   mine = partitioning.process_batch_slice(batch_size, mesh)
   steps = partitioning.global_max(-(-n // local))  # the process with the most rows
+  t0 = last = time.time()
   for start in range(0, steps * local, local):
     idx = rows[np.minimum(np.arange(start, start + local), len(rows) - 1)]
     batch = partitioning.global_batch({"inputs": src[idx]}, mesh)
     taps = np.asarray(jax.device_get(taps_fn(backbone, batch)), np.float32)[mine]
+    if time.time() - last >= PROGRESS_EVERY_S and jax.process_index() == 0:
+      last, done = time.time(), min(start + local, n)
+      rate = done / (last - t0)
+      log.info("backbone taps: %d/%d rows, %.0f rows/s, ETA %.0fs", done, n, rate,
+               (n - done) / max(rate, 1e-9))
     if start < n:
       yield taps[:n - start]
 

@@ -124,6 +124,17 @@ def test_attach_adds_taps_the_model_would_compute(tmp_path):
   assert key["backbone_fingerprint"] == checkpointing.tree_fingerprint(params["backbone"])
 
 
+def test_a_long_backbone_pass_logs_its_progress(tmp_path, monkeypatch, caplog):
+  monkeypatch.setattr(tap_cache, "PROGRESS_EVERY_S", 0.0)
+  with caplog.at_level("INFO", logger="levi_jax"):
+    _, _, splits, stats = _attach(tmp_path, task_data(64))
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("backbone taps")]
+  assert stats["rows_computed"] > 0 and lines
+  counts = [tuple(map(int, line.split()[2].split("/"))) for line in lines]  # one pass a split
+  assert all(0 < done <= total for done, total in counts) and "rows/s, ETA" in lines[-1]
+  assert counts[-1][0] == counts[-1][1]
+
+
 def test_row_store_runs_the_backbone_once_per_row_across_tasks(tmp_path):
   """Another task (another shift) dealing the same rows into other splits reads their
   taps from the row store; only rows never seen run through the backbone."""

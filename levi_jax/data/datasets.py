@@ -7,6 +7,7 @@
 | amazon_2018      | <Cat>.json[.gz], meta_<Cat>.json[.gz] (`amazon_2018/`) | -          |
 | amazon_us        | amazon_reviews_us_<Cat>_v1_00.tsv[.gz] (`amazon_us/`) | -           |
 | pretrain_corpus  | MovieLens 100K files (`pretrain/ml-100k/`) | -                       |
+| movielens_100k_history, movielens_1m_history | as movielens_100k, movielens_1m | as they |
 
 `pretrain_corpus` is the synthetic world's pre-training corpus (see
 `levi_jax.data.synthetic`), read with the MovieLens 100K parser.
@@ -15,6 +16,16 @@ Text (`inputs`) is a readable serialization of the side information, e.g.
 "user: 25-34, female, programmer, zip 94043. movie: Toy Story (1995). genres:
 animation, children, comedy." Amazon has no user attributes, so its text
 describes the product only ("product: ... category: ... brand: ... price: ...").
+
+A dataset with `history` > 0 (`movielens_100k_history`, `movielens_1m_history`:
+the same files) ends each rating's text with the user's latest earlier ratings
+of the task's training split, most recent first, as in Kang et al. 2023 ("Do
+LLMs Understand User Preferences?"): "... earlier ratings: Fargo (1996): 5;
+Heat (1995): 3." (`history_texts`). Only ratings strictly earlier than the
+rated one are listed, and only training ratings: no rating's text holds its own
+label or an evaluation split's, and a user the training split does not have
+gets no history. It gives the pre-trained view something the id embeddings of
+the small model do not read.
 """
 
 from __future__ import annotations
@@ -67,6 +78,8 @@ class DatasetSpec:
     first_year: the year of its first rating; earlier timestamps are malformed rows.
     tfds_name: the TFDS dataset, if TFDS has it.
     description: one line.
+    history: how many of the user's latest earlier training ratings end each
+      rating's text (0: none; `history_texts`).
   """
 
   name: str
@@ -77,6 +90,7 @@ class DatasetSpec:
   first_year: int
   tfds_name: str | None = None
   description: str = ""
+  history: int = 0
 
 
 _ID_FEATURES = (FeatureDef("user_id", "user_id", 200_000),
@@ -99,10 +113,15 @@ _AMAZON_FEATURES = _AMAZON_US_FEATURES + (
 
 def _raw_spec(name: str, family: str, subdir: str, parser: Callable[..., RatingsTable],
               features: tuple[FeatureDef, ...], first_year: int, tfds_name: str | None,
-              description: str) -> DatasetSpec:
+              description: str, history: int = 0) -> DatasetSpec:
   """A spec whose `parse` is `parser` bound to its name, folder and first year."""
   parse = functools.partial(parser, dataset=name, subdir=subdir, first_year=first_year)
-  return DatasetSpec(name, family, subdir, parse, features, first_year, tfds_name, description)
+  return DatasetSpec(name, family, subdir, parse, features, first_year, tfds_name, description,
+                     history)
+
+
+# Ratings of the user's history a `*_history` dataset's texts end with.
+HISTORY_RATINGS = 3
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -112,6 +131,13 @@ DATASETS: dict[str, DatasetSpec] = {
                   "MovieLens 100K"),
         _raw_spec("movielens_1m", "movielens", "ml-1m", formats.parse_movielens_1m,
                   _ML_FEATURES, formats.ML1M_FIRST_YEAR, "movielens/1m-ratings", "MovieLens 1M"),
+        _raw_spec("movielens_100k_history", "movielens", "ml-100k", formats.parse_movielens_100k,
+                  _ML_FEATURES, formats.ML100K_FIRST_YEAR, "movielens/100k-ratings",
+                  "MovieLens 100K, texts ending with the user's earlier ratings",
+                  HISTORY_RATINGS),
+        _raw_spec("movielens_1m_history", "movielens", "ml-1m", formats.parse_movielens_1m,
+                  _ML_FEATURES, formats.ML1M_FIRST_YEAR, "movielens/1m-ratings",
+                  "MovieLens 1M, texts ending with the user's earlier ratings", HISTORY_RATINGS),
         _raw_spec("amazon_2018", "amazon", "amazon_2018", formats.parse_amazon_2018,
                   _AMAZON_FEATURES, formats.AMAZON_2018_FIRST_YEAR, None,
                   "Amazon Reviews 2018 (Ni et al. 2019), JSON lines"),
@@ -181,9 +207,76 @@ def side_texts(table: RatingsTable) -> tuple[np.ndarray, np.ndarray]:
   return user_text, item_text
 
 
-def join_texts(user_text: np.ndarray, item_text: np.ndarray) -> list[str]:
-  """The `inputs` text of ratings, from their gathered user and item texts."""
-  return [f"{u} {i}" if u else i for u, i in zip(user_text, item_text)]
+def join_texts(user_text: np.ndarray, item_text: np.ndarray,
+               history: list[str] | None = None) -> list[str]:
+  """The `inputs` text of ratings, from their gathered user and item texts (and history)."""
+  out = [f"{u} {i}" if u else i for u, i in zip(user_text, item_text)]
+  if history is not None:
+    out = [f"{t} {h}" if h else t for t, h in zip(out, history)]
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class UserHistory:
+  """A training split's ratings, by user and time: what `history_texts` lists.
+
+  Attributes:
+    size: how many earlier ratings a text lists (at most).
+    keys: `user_index * 2**34 + timestamp` of the training ratings, sorted.
+    rows: the training rating indices in that order (ties in row order).
+  """
+
+  size: int
+  keys: np.ndarray
+  rows: np.ndarray
+
+  @classmethod
+  def build(cls, table: RatingsTable, train_rows: np.ndarray, size: int) -> "UserHistory":
+    rows = np.asarray(train_rows, np.int64)
+    keys = cls._keys(table, rows)
+    order = np.argsort(keys, kind="stable")
+    return cls(size, keys[order], rows[order])
+
+  @staticmethod
+  def _keys(table: RatingsTable, rows: np.ndarray) -> np.ndarray:
+    ts = table.rows["timestamp"][rows].astype(np.int64)
+    if ts.size and (ts.min() < 0 or ts.max() >= 2**34):
+      raise ValueError(f"{table.dataset}: rating timestamps must lie in [0, 2**34) seconds for "
+                       f"the user history, got [{ts.min()}, {ts.max()}]")
+    return (table.rows["user_index"][rows].astype(np.int64) << 34) + ts
+
+  def earlier(self, table: RatingsTable, rows: np.ndarray) -> np.ndarray:
+    """int64 [len(rows), size]: each rating's user's latest training ratings strictly
+    before it, most recent first; -1 where there are fewer."""
+    rows = np.asarray(rows, np.int64)
+    keys = self._keys(table, rows)
+    end = np.searchsorted(self.keys, keys, "left")  # first rating at or after this time
+    start = np.searchsorted(self.keys, (keys >> 34) << 34, "left")  # the user's first
+    out = np.full((len(rows), self.size), -1, np.int64)
+    for j in range(self.size):
+      pos = end - 1 - j
+      ok = pos >= start
+      out[ok, j] = self.rows[pos[ok]]
+    return out
+
+
+def _item_names(table: RatingsTable) -> np.ndarray:
+  column = "movie_title" if DATASETS[table.dataset].family in ("movielens", "pretrain") \
+      else "item_title"
+  return np.asarray(table.items[column], dtype=object)
+
+
+def history_texts(table: RatingsTable, earlier: np.ndarray) -> list[str]:
+  """'earlier ratings: <item>: <rating>; ...' per row of `UserHistory.earlier` ('' for none)."""
+  names, ratings = _item_names(table), table.rows["rating"]
+  items = table.rows["item_index"]
+  out = []
+  for past in earlier:
+    past = past[past >= 0]
+    out.append("earlier ratings: " + "; ".join(
+        f"{names[items[r]] or 'unknown'}: {float(ratings[r]):g}" for r in past) + "."
+        if past.size else "")
+  return out
 
 
 def get_spec(dataset: str) -> DatasetSpec:

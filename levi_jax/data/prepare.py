@@ -154,6 +154,8 @@ class PreparedTask:
     features: encoded categorical features, in the dataset's order.
     user_text, item_text: per-user and per-item text.
     data_dir: the resolved data dir.
+    history: the training split's ratings by user and time, when the dataset's
+      texts end with the user's earlier ratings (`datasets.UserHistory`).
   """
 
   name: str
@@ -165,6 +167,7 @@ class PreparedTask:
   user_text: np.ndarray
   item_text: np.ndarray
   data_dir: str
+  history: datasets.UserHistory | None = None
 
   @property
   def feature_specs(self) -> list[CategoricalFeature]:
@@ -179,8 +182,11 @@ class PreparedTask:
   def texts(self, rows: np.ndarray) -> list[str]:
     """The `inputs` text of ratings `rows`."""
     t = self.table
+    history = None
+    if self.history is not None:
+      history = datasets.history_texts(t, self.history.earlier(t, rows))
     return datasets.join_texts(self.user_text[t.rows["user_index"][rows]],
-                               self.item_text[t.rows["item_index"][rows]])
+                               self.item_text[t.rows["item_index"][rows]], history)
 
   def feature_ids(self, rows: np.ndarray) -> dict[str, np.ndarray]:
     """Categorical feature ids of ratings `rows` (int32 [n] or [n, K])."""
@@ -232,7 +238,10 @@ def _prepare(name: str, data_dir: str, table: RatingsTable) -> PreparedTask:
   splits = shifts.split_rows(table, shift)
   features = tuple(_encode_feature(table, f, splits["train"]) for f in spec.features)
   user_text, item_text = _side_texts(table)
-  return PreparedTask(name, spec, shift, table, splits, features, user_text, item_text, data_dir)
+  history = (datasets.UserHistory.build(table, splits["train"], spec.history)
+             if spec.history else None)
+  return PreparedTask(name, spec, shift, table, splits, features, user_text, item_text, data_dir,
+                      history)
 
 
 def clear_cache() -> None:
