@@ -156,7 +156,8 @@ def test_implausible_timestamps_are_malformed_rows(tmp_path):
 def test_first_years_are_declared_per_dataset():
   years = {name: spec.first_year for name, spec in datasets.DATASETS.items()}
   assert years == {"movielens_100k": 1997, "movielens_1m": 1997, "amazon_2018": 1996,
-                   "amazon_us": 1995, "pretrain_corpus": 1997}
+                   "amazon_us": 1995, "pretrain_corpus": 1997, "movielens_100k_history": 1997,
+                   "movielens_1m_history": 1997}
   for spec in datasets.DATASETS.values():
     assert spec.parse.keywords["first_year"] == spec.first_year
 
