@@ -9,6 +9,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -26,6 +28,14 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 os.environ.pop("LEVI_DATA_DIR", None)
 os.environ.pop("LEVI_VOCAB_PATH", None)
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+  """The data tests' small synthetic world (`world_fixtures.SMALL_WORLD`, seed 1), written once."""
+  from world_fixtures import write_small_world  # pylint: disable=import-outside-toplevel
+
+  return write_small_world(str(tmp_path_factory.mktemp("small_world")))
 
 
 def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument

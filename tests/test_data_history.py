@@ -4,18 +4,12 @@ import numpy as np
 import pytest
 
 from levi_jax import input_pipeline
-from levi_jax.data import datasets, prepare, synthetic
-
-SMALL = dict(num_users=120, num_items=70, ratings_per_user=12, pretrain_num_users=30,
-             pretrain_num_items=20, amazon_num_users=40, amazon_num_items=30,
-             amazon_ratings_per_user=5, vocab_size=300)
+from levi_jax.data import datasets, prepare
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("world"))
-  synthetic.write_world(d, seed=2, formats=("ml-100k",), **SMALL)
-  return d
+def world(small_world):
+  return small_world
 
 
 def _expected(task, row: int) -> str:
@@ -101,3 +95,11 @@ def test_timestamps_out_of_range_are_named(world):
   broken = type(table)(table.dataset, table.source, table.users, table.items, bad, table.report)
   with pytest.raises(ValueError, match="timestamps must lie in"):
     datasets.UserHistory.build(broken, task.rows("train"), 3)
+
+
+def test_texts_of_no_rows_and_of_rows_without_history(world):
+  task = prepare.prepare("movielens_100k_history.time_later", world)
+  assert task.texts(np.array([], np.int64)) == []
+  none = np.full((4, datasets.HISTORY_RATINGS), -1)
+  assert datasets.history_texts(task.table, none) == [""] * 4
+  assert datasets.history_texts(task.table, np.empty((0, datasets.HISTORY_RATINGS))) == []

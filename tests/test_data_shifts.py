@@ -9,16 +9,12 @@ from levi_jax import input_pipeline
 from levi_jax.data import datasets, prepare, shifts, synthetic
 from levi_jax.data.shifts import Clause, Shift
 
-SMALL = dict(num_users=150, num_items=90, ratings_per_user=14, pretrain_num_users=40,
-             pretrain_num_items=30, amazon_num_users=150, amazon_num_items=80,
-             amazon_ratings_per_user=8, vocab_size=300)
+from world_fixtures import write_small_world
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("world"))
-  synthetic.write_world(d, seed=1, **SMALL)
-  return d
+def world(small_world):
+  return small_world
 
 
 def test_at_least_twenty_shifts_covering_all_kinds():
@@ -64,8 +60,7 @@ def test_every_task_splits_disjoint_sized_and_leak_free(world):
 def test_splits_are_deterministic_across_loads(world, tmp_path):
   a = input_pipeline.prepare("movielens_1m.time_later", world).splits
   # The same world written again elsewhere gives the same splits.
-  other = str(tmp_path / "again")
-  synthetic.write_world(other, seed=1, **SMALL)
+  other = write_small_world(str(tmp_path / "again"))
   b = input_pipeline.prepare("movielens_1m.time_later", other).splits
   assert all(np.array_equal(a[k], b[k]) for k in a)
   # A different split seed gives a different partition of the same population.

@@ -9,20 +9,17 @@ import numpy as np
 import pytest
 
 from levi_jax import input_pipeline
-from levi_jax.data import spm, synthetic, tokens
+from levi_jax.data import spm, tokens
 from levi_jax.models.task_net import validate_features
 
-SMALL = dict(num_users=120, num_items=80, ratings_per_user=12, pretrain_num_users=40,
-             pretrain_num_items=30, amazon_num_users=100, amazon_num_items=50,
-             amazon_ratings_per_user=6, vocab_size=400)
+from world_fixtures import SMALL_WORLD, write_small_world
+
 TASK = "movielens_100k.gender_m_to_f"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("world"))
-  synthetic.write_world(d, seed=2, **SMALL)
-  return d
+def world(small_world):
+  return small_world
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +133,7 @@ def test_registration_is_idempotent_and_rebinds_the_data_dir(tasks, world, tmp_p
   assert len(names) == len(input_pipeline.task_names())
   assert set(names) <= set(seqio.TaskRegistry.names())
   other = str(tmp_path / "other")
-  synthetic.write_world(other, seed=9, **SMALL)
+  write_small_world(other, seed=9)
   tasks.register_tasks(data_dir=other)
   try:
     n_other = len(_collect(tasks.get_dataset(TASK, "id_test"))["targets"])
@@ -164,7 +161,7 @@ def test_vocabulary_shipped_with_world_and_trained_for_raw_dirs(tasks, world, tm
 
   vocab = seqio.get_mixture_or_task(TASK).output_features["inputs"].vocabulary
   assert vocab.sentencepiece_model_file == os.path.join(world, "spm.model")
-  assert vocab.eos_id == 1 and vocab.vocab_size <= SMALL["vocab_size"]
+  assert vocab.eos_id == 1 and vocab.vocab_size <= SMALL_WORLD["vocab_size"]
   assert vocab.vocab_size == input_pipeline.vocabulary_size(vocab.sentencepiece_model_file)
   other = seqio.get_mixture_or_task("movielens_1m.time_later").output_features["inputs"]
   assert other.vocabulary == vocab, "tasks of one world share a vocabulary (mixable)"

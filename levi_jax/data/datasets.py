@@ -260,23 +260,41 @@ class UserHistory:
     return out
 
 
-def _item_names(table: RatingsTable) -> np.ndarray:
+@functools.lru_cache(maxsize=8)
+def _history_pieces(table: RatingsTable) -> tuple[np.ndarray, np.ndarray]:
+  """'<item>: <rating>' for each (item, distinct rating value), and each row's index into it.
+
+  Computed once per table (the examples cache asks for texts chunk by chunk)."""
   column = "movie_title" if DATASETS[table.dataset].family in ("movielens", "pretrain") \
       else "item_title"
-  return np.asarray(table.items[column], dtype=object)
+  names = [n or "unknown" for n in table.items[column]]
+  values, codes = np.unique(table.rows["rating"], return_inverse=True)
+  formatted = [f"{float(v):g}" for v in values]
+  pieces = np.empty(len(names) * len(values), dtype=object)
+  pieces[:] = [f"{n}: {r}" for n in names for r in formatted]
+  return pieces, table.rows["item_index"].astype(np.int64) * len(values) + codes.reshape(-1)
+
+
+def clear_history_cache() -> None:
+  """Drops the per-table history pieces `history_texts` keeps."""
+  _history_pieces.cache_clear()
 
 
 def history_texts(table: RatingsTable, earlier: np.ndarray) -> list[str]:
   """'earlier ratings: <item>: <rating>; ...' per row of `UserHistory.earlier` ('' for none)."""
-  names, ratings = _item_names(table), table.rows["rating"]
-  items = table.rows["item_index"]
-  out = []
-  for past in earlier:
-    past = past[past >= 0]
-    out.append("earlier ratings: " + "; ".join(
-        f"{names[items[r]] or 'unknown'}: {float(ratings[r]):g}" for r in past) + "."
-        if past.size else "")
-  return out
+  earlier = np.asarray(earlier, np.int64)
+  if not earlier.size:
+    return [""] * len(earlier)
+  pieces, row_piece = _history_pieces(table)
+  valid = earlier >= 0
+  # Each row's pieces, -1 (no rating) read as row 0 and masked; object-array `+` joins the
+  # strings elementwise without a Python loop over rows.
+  past = pieces[row_piece[np.where(valid, earlier, 0)]]
+  out = "earlier ratings: " + past[:, 0]
+  for j in range(1, earlier.shape[1]):
+    out = np.where(valid[:, j], out + "; " + past[:, j], out)
+  out = np.where(valid[:, 0], out + ".", "")
+  return out.tolist()
 
 
 def get_spec(dataset: str) -> DatasetSpec:

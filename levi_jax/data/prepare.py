@@ -248,6 +248,7 @@ def clear_cache() -> None:
   """Drops the prepared tasks this process holds (they are rebuilt on the next call)."""
   _prepare.cache_clear()
   _side_texts.cache_clear()
+  datasets.clear_history_cache()
 
 
 @functools.lru_cache(maxsize=8)
