@@ -90,7 +90,6 @@ class Cell:
     labels: what the study's records and report read (table columns, tap set).
     tap_cache: whether it reads cached backbone taps (the trainer uses them only with a
       frozen backbone).
-    keyed: its folder is `seed<k>-<run_key>` (False: `seed<k>`).
   """
 
   task: str
@@ -100,7 +99,6 @@ class Cell:
   bindings: tuple[str, ...] = ()
   labels: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   tap_cache: bool = True
-  keyed: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,8 +334,7 @@ def plan(study: Study, settings: Settings, tasks: Sequence[str], data_dir: str) 
                  *cell.bindings, *settings.gin_bindings])
       key = run_key(settings.gin_file, bindings, oov)
       name = f"{cell.run}+oov{oov:g}" if oov else cell.run
-      model_dir = os.path.join(runs_dir, cell.task, name,
-                               f"seed{cell.seed}-{key}" if cell.keyed else f"seed{cell.seed}")
+      model_dir = os.path.join(runs_dir, cell.task, name, f"seed{cell.seed}-{key}")
       bindings[0] = f"MODEL_DIR = '{model_dir}'"
       out.append(Run(cell, lr, oov, steps, tuple(bindings), model_dir))
   return out

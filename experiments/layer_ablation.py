@@ -9,7 +9,8 @@ seed, run by `experiments.driver` with the base gin files (default
 `experiments/demo.gin`) and cached backbone taps (the backbone is frozen, so
 every tap set's pooled taps are computed once per split and backbone).
 "none" is the small model alone: the `scratch` method (LEVI itself refuses an
-empty tap set). Each run's MODEL_DIR is `runs/<task>/<tap set>/seed<k>/`.
+empty tap set). Each run's MODEL_DIR is `runs/<task>/<tap set>/seed<k>-<key>/`, keyed by
+its resolved config as the sweep's are, so a rerun with other settings trains anew.
 Writes `results.md`, `runs.csv`, `summary.csv` and `results.png` (ID and OOD
 RMSE per tap set, mean ± std over seeds, averaged over shifts) into --out.
 """
@@ -121,14 +122,13 @@ class Settings(driver.Settings):
 
 
 def grid(settings: Settings, tasks: Sequence[str]) -> list[driver.Cell]:
-  """Per shift and seed, one run per tap set (`none`: the scratch method), folders
-  `seed<k>` without a config key."""
+  """Per shift and seed, one run per tap set (`none`: the scratch method)."""
   layers = backbone_layers(settings.gin_file,
                            [*runs.BACKBONES[settings.backbone], *settings.gin_bindings])
   sets = tap_sets(layers, settings.tap_sets)
   return [driver.Cell(task, seed, name, "levi" if taps else "scratch", tuple(tap_bindings(taps)),
                       {"tap_set": name, "layers": " ".join(map(str, taps)),
-                       "num_layers": layers}, keyed=False)
+                       "num_layers": layers})
           for task in tasks for seed in settings.seeds for name, taps in sets.items()]
 
 

@@ -323,18 +323,27 @@ def test_layer_ablation_end_to_end(tmp_path, world):
   assert [r["tap_set"] for r in result["summary"]] == ["none", "all"]
   assert [r["layers"] for r in result["summary"]] == ["", "0 1"]
   run_dir = tmp_path / "runs/movielens_100k.gender_m_to_f"
-  none = json.load(open(run_dir / "none/seed0/results.json"))
-  every = json.load(open(run_dir / "all/seed0/results.json"))
+  (none_dir,) = (run_dir / "none").glob("seed0-*")  # keyed by the run's config
+  (all_dir,) = (run_dir / "all").glob("seed0-*")
+  none = json.load(open(none_dir / "results.json"))
+  every = json.load(open(all_dir / "results.json"))
   assert none["params_total"] < every["params_total"]  # no backbone at all
   assert none["method"] == "scratch" and every["method"] == "levi"
   assert every["tap_cache"]["used"]
   assert len(rows(tmp_path / "runs.csv")) == 2 and len(rows(tmp_path / "summary.csv")) == 2
   assert "| all | 0 1 |" in (tmp_path / "results.md").read_text()
   assert (tmp_path / "results.png").stat().st_size > 5_000
-  mtime = os.path.getmtime(run_dir / "all/seed0/results.json")
+  mtime = os.path.getmtime(all_dir / "results.json")
   again = driver.run(layer_ablation.STUDY, settings, "cmd")  # resumes: nothing retrains
   assert again["summary"] == result["summary"]
-  assert os.path.getmtime(run_dir / "all/seed0/results.json") == mtime
+  assert os.path.getmtime(all_dir / "results.json") == mtime
+  # Other settings in the same runs folder train new runs instead of reading the old ones.
+  longer = cli.parse(layer_ablation.Settings, [*argv, "--steps", "3", "--tap_sets", "all"])
+  driver.run(layer_ablation.STUDY, longer, "cmd")
+  dirs = sorted((run_dir / "all").glob("seed0-*"))
+  assert len(dirs) == 2 and all_dir in dirs
+  steps = sorted(json.load(open(d / "results.json"))["num_steps"] for d in dirs)
+  assert steps == [2, 3]
 
 
 def test_efficiency_end_to_end(tmp_path, world):
