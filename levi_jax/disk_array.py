@@ -32,6 +32,17 @@ def _process_index() -> int:
   return jax.process_index() if jax is not None else 0
 
 
+def all_processes_have(path: str) -> bool:
+  """Whether the file `path` exists on every JAX process (on this one where JAX is not in
+  use or runs one process), so that all of them read a cache entry or all recompute it."""
+  have = np.asarray([os.path.isfile(path)])
+  jax = sys.modules.get("jax")
+  if jax is not None and jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    have = multihost_utils.process_allgather(have)
+  return bool(np.all(have))
+
+
 class _Rows:
   """What `DiskArray` and `RowView` share: a `shape` of `[rows, ...]` and a `dtype`."""
 

@@ -54,8 +54,8 @@ import jax
 import numpy as np
 
 from levi_jax import checkpointing, methods, partitioning
-from levi_jax.disk_array import (BFLOAT16, DiskArray, iter_chunks, read_npz_array, sha256_update,
-                                 write_npz)
+from levi_jax.disk_array import (BFLOAT16, DiskArray, all_processes_have, iter_chunks,
+                                 read_npz_array, sha256_update, write_npz)
 from levi_jax.models.levi import CACHED_TAPS, EnsembleModel, ViewFusionModel, resolve_taps
 
 log = logging.getLogger("levi_jax")
@@ -324,14 +324,6 @@ class RowStore:
 # --- Split entries -----------------------------------------------------------------
 
 
-def _everyone_has(path: str) -> bool:
-  have = np.asarray([os.path.isfile(path)])
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    have = multihost_utils.process_allgather(have)
-  return bool(np.all(have))
-
-
 def read_entry(path: str, key: Mapping[str, Any]) -> DiskArray | None:
   """The taps of the entry at `path` (on disk), or None if it holds another key."""
   with np.load(path) as f:
@@ -352,7 +344,7 @@ def load_or_compute(cache_dir: str, key: Mapping[str, Any],
   then every process opens the entry.
   """
   path = entry_path(cache_dir, key)
-  if _everyone_has(path):
+  if all_processes_have(path):
     taps = read_entry(path, key)
     if taps is not None:
       return taps, True

@@ -53,7 +53,7 @@ import numpy as np
 from levi_jax import cli
 from levi_jax.data import datasets, paths, prepare as prepare_lib, spm
 from levi_jax.data.tokens import DEFAULT_INPUTS_LENGTH, tokenize, vocabulary_size
-from levi_jax.disk_array import DiskArray, read_npz_array, write_npz
+from levi_jax.disk_array import DiskArray, all_processes_have, read_npz_array, write_npz
 from levi_jax.models.task_net import CategoricalFeature
 
 log = logging.getLogger("levi_jax")
@@ -262,15 +262,6 @@ def verify(entry: Entry) -> None:
                          f"sha256 {d.hexdigest()}, its manifest says {want}")
 
 
-def _everyone_has(path: str) -> bool:
-  have = np.asarray([os.path.isfile(os.path.join(path, MANIFEST))])
-  jax = sys.modules.get("jax")
-  if jax is not None and jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    have = multihost_utils.process_allgather(have)
-  return bool(np.all(have))
-
-
 def load(cache_dir: str, task: str, data_dir: str | None = None,
          vocabulary_file: str | None = None, inputs_length: int = DEFAULT_INPUTS_LENGTH,
          duplicates: str = datasets.DEFAULT_DUPLICATES,
@@ -284,7 +275,7 @@ def load(cache_dir: str, task: str, data_dir: str | None = None,
     raise ValueError(f"inputs_length must be >= 2 (text plus EOS), got {inputs_length}")
   key = cache_key(task, data_dir, vocabulary_file, inputs_length, duplicates, max_bad_fraction)
   path = entry_path(cache_dir, key)
-  if _everyone_has(path):
+  if all_processes_have(os.path.join(path, MANIFEST)):
     entry = open_entry(path, key)
     if entry is not None:
       return entry, True
