@@ -22,6 +22,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 import gin
+import numpy as np
 
 from experiments import driver, runs
 from levi_jax import cli
@@ -93,12 +94,36 @@ def markdown(summary: Sequence[Mapping[str, Any]], header: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+def per_shift_table(records: Sequence[Mapping[str, Any]], names: Sequence[str],
+                    tasks: Sequence[str]) -> str:
+  """ID / OOD RMSE per tap set and shift (means over seeds; the best OOD of a shift in bold)."""
+  cell = {}
+  for name in names:
+    for task in tasks:
+      rs = [r for r in records if r["tap_set"] == name and r["task"] == task]
+      if rs:
+        cell[name, task] = tuple(float(np.mean([float(r[f"{k}_rmse"]) for r in rs]))
+                                 for k in ("id", "ood"))
+  shifts = [t.split(".", 1)[-1] for t in tasks]
+  lines = ["| tap set | " + " | ".join(shifts) + " |", "|---|" + "---|" * len(tasks)]
+  best = {t: min((v[1] for (n, tt), v in cell.items() if tt == t), default=None) for t in tasks}
+  for name in names:
+    row = []
+    for task in tasks:
+      if (name, task) not in cell:
+        row.append("-")
+        continue
+      id_, ood = cell[name, task]
+      row.append(f"{id_:.3f} / " + (f"**{ood:.3f}**" if ood == best[task] else f"{ood:.3f}"))
+    lines.append(f"| {name} | " + " | ".join(row) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def chart(summary: Sequence[Mapping[str, Any]], path: str, title: str):
   """ID and OOD RMSE (mean ± std over seeds) per tap set."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  import numpy as np
 
   x = np.arange(len(summary))
   fig, ax = plt.subplots(figsize=(1.2 * len(summary) + 2.5, 3.6))
@@ -119,6 +144,16 @@ class Settings(driver.Settings):
   """The ablation's flags: the shared ones (`driver.Settings`) and its tap sets."""
 
   tap_sets: tuple[str, ...] = cli.field(TAP_SET_NAMES, f"tap sets, of {','.join(TAP_SET_NAMES)}")
+
+  def __post_init__(self):
+    super().__post_init__()
+    # The table averages a tap set's runs over seeds and shifts: it has no learning-rate
+    # choice, so a grid of several rates for one method would be averaged in silently.
+    several = {m: lrs for m, lrs in driver.parse_lr_grid(
+        self.lr_grid, ("levi", "scratch"), ("levi", "scratch")).items() if len(lrs) > 1}
+    if several:
+      raise ValueError(f"--lr_grid {self.lr_grid!r}: the layer ablation runs one learning rate "
+                       f"per method, got {several}")
 
 
 def grid(settings: Settings, tasks: Sequence[str]) -> list[driver.Cell]:
@@ -154,10 +189,20 @@ def report(outcome: driver.Outcome) -> dict[str, Any]:
             f"(0-based, of {layers}); {len(tasks)} shift(s) ({', '.join(tasks)}), seeds "
             f"{','.join(map(str, s.seeds))}, backbone `{s.backbone}`; base gin "
             f"{', '.join(s.gin_file)}" + (f"; steps {s.steps}" if s.steps else "")
+            + (f"; bindings {list(s.gin_bindings)}" if s.gin_bindings else "")
+            + (f"; small-model OOV dropout {s.oov_dropout:g}" if s.oov_dropout else "")
+            + (f"; learning rates {s.lr_grid!r}" if s.lr_grid else "")
+            + (f"; {s.epochs:g} epochs per run, evaluated {s.evals_per_epoch:g}x per epoch"
+               if s.epochs else "")
+            + ("; numbers from each run's best-validation evaluation (early stopping)"
+               if s.early_stopping else "")
             + f". Cells: mean ± sample std over seeds of the mean over shifts; the runs "
             f"took {sum(r['wall_time_s'] for r in records_) / 60:.1f} min of wall time in all."
             f"\n\nCommand: `{outcome.command}`")
   md = markdown(summary, header)
+  if len(tasks) > 1:
+    md += ("\nPer shift: ID-test / OOD-test RMSE, mean over seeds (**bold**: the best OOD of "
+           "the shift).\n\n" + per_shift_table(records_, names, tasks))
   out = os.path.abspath(s.out)
   driver.write_tables(out, md, records_, summary)
   chart(summary, os.path.join(out, "results.png"),

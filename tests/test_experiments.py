@@ -346,6 +346,21 @@ def test_layer_ablation_end_to_end(tmp_path, world):
   assert steps == [2, 3]
 
 
+def test_layer_ablation_tables_per_shift_and_refuses_a_learning_rate_grid():
+  recs = [{"task": f"movielens_100k.{t}", "seed": k, "tap_set": n, "layers": "",
+           "id_rmse": 1.0 + 0.01 * k, "ood_rmse": ood + 0.01 * k, "val_rmse": 1.0}
+          for t, n, ood in (("a", "none", 1.2), ("a", "all", 1.1), ("b", "none", 1.0),
+                            ("b", "all", 1.3)) for k in (0, 1)]
+  table = layer_ablation.per_shift_table(recs, ["none", "all"],
+                                         ["movielens_100k.a", "movielens_100k.b"])
+  assert "| tap set | a | b |" in table
+  assert "| none | 1.005 / 1.205 | 1.005 / **1.005** |" in table
+  assert "| all | 1.005 / **1.105** | 1.005 / 1.305 |" in table
+  with pytest.raises(ValueError, match="one learning rate per method"):
+    cli.parse(layer_ablation.Settings, ["--out", "/tmp/x", "--lr_grid", "levi=1e-3,3e-3"])
+  cli.parse(layer_ablation.Settings, ["--out", "/tmp/x", "--lr_grid", "levi=1e-3;scratch=3e-3"])
+
+
 def test_efficiency_end_to_end(tmp_path, world):
   argv = ["--out", str(tmp_path), "--steps", "1", "--warmup", "0", "--e2e_steps", "0",
           "--variants", "LEVI,LEVI-cached", "--backbone", "random",
