@@ -529,9 +529,12 @@ def records(settings: Settings, run: driver.Run, results: Mapping[str, Any]
                     settings.early_stopping, hparams)
 
 
-def _header(s: Settings, outcome: driver.Outcome, records: Sequence[Mapping[str, Any]]) -> str:
-  """The results page's title, settings line and command."""
-  run_time = sum(r["wall_time_s"] or 0.0 for r in records if r["column"] != "WiSE-FT")
+def _header(s: Settings, outcome: driver.Outcome, all_records: Sequence[Mapping[str, Any]]
+            ) -> str:
+  """The results page's title, settings line and command; the run time is that of every
+  run trained (all learning rates), not only of those validation chose."""
+  trained = [r for r in all_records if r["column"] != "WiSE-FT"]  # LP-FT's run feeds it too
+  run_time = sum(r["wall_time_s"] or 0.0 for r in trained)
   missing = outcome.missing
   return (f"# Methods x shifts: ID and OOD RMSE\n\n"
           f"{len(outcome.tasks)} shifts x {len({run_of(c)[0] for c in s.columns})} trained runs "
@@ -549,7 +552,7 @@ def _header(s: Settings, outcome: driver.Outcome, records: Sequence[Mapping[str,
              if s.epochs else "")
           + ("; numbers from each run's best-validation evaluation (early stopping)"
              if s.early_stopping else "")
-          + f"; the runs took {run_time / 60:.0f} min of wall time in all."
+          + f"; the {len(trained)} runs took {run_time / 60:.0f} min of wall time in all."
           + (f" **Interim report (--report_only): {len(missing)} of {len(outcome.plan)} runs "
              "not finished yet are left out.**" if missing else "")
           + f"\n\nCommand: `{outcome.command}`")
@@ -582,7 +585,7 @@ def report(outcome: driver.Outcome) -> dict[str, Any]:
   for r in all_records:
     r["selected"] = id(r) in chosen
   summary = summarize(records)
-  md = markdown(summary, s.columns, _header(s, outcome, records), s.id_tolerance, records,
+  md = markdown(summary, s.columns, _header(s, outcome, all_records), s.id_tolerance, records,
                 baselines)
   driver.write_tables(out, md, all_records, summary)
   chart(summary, s.columns, os.path.join(out, "results.png"),

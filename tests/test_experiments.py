@@ -119,6 +119,8 @@ def test_sweep_protocol_chooses_learning_rates_on_validation(tmp_path, world):
     steps = {rec["steps"] for rec in every}
     assert len(steps) == 1 and r["num_steps"] == steps.pop() >= 1
   assert "Learning rates chosen on validation" in result["markdown"]
+  minutes = sum(r["wall_time_s"] for r in every) / 60
+  assert f"the 12 runs took {minutes:.0f} min of wall time in all" in result["markdown"]
   assert len(rows(tmp_path / "runs.csv")) == 12
   # The layer-wise variant is a run of its own, with its own fusion.
   (lw,) = list((tmp_path / "runs/movielens_100k.gender_m_to_f/levi_layerwise").glob("seed0-*"))[:1]
