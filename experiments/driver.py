@@ -370,6 +370,10 @@ def run(study: Study, settings: Settings, command: str = "") -> dict[str, Any]:
   prepared = study.prepare(settings, tasks, data_dir) if study.prepare else None
   planned = plan(study, settings, tasks, data_dir)
   records, missing = train_grid(study, settings, planned)
+  if settings.report_only and not missing:
+    # Every run had finished: the report is the full study's, made by its command.
+    command = " ".join(w for w in command.split(" ") if w not in ("--report_only",
+                                                                   "--report_only=true"))
   return study.report(Outcome(settings, tasks, data_dir, planned, records, missing, command,
                               prepared))
 

@@ -156,6 +156,15 @@ def test_sweep_restrict_runs_a_method_on_part_of_the_grid(tmp_path, world):
   assert sorted((r["column"], r["seed"]) for r in interim["all_records"]) == ran
   assert "Interim report (--report_only): 1 of 4 runs not finished yet" in interim["markdown"]
   assert not list((tmp_path / "runs").rglob("seed2-*"))
+  # A report of a grid whose runs have all finished is the study's own: it names the command
+  # without --report_only; an interim one keeps it.
+  cmd = "python -m experiments.sweep --steps 2 --report_only"
+  full = driver.run(sweep.STUDY, cli.parse(sweep.Settings, [*argv, "--report_only"]), cmd)
+  assert "Command: `python -m experiments.sweep --steps 2`" in full["markdown"]
+  assert "Interim" not in full["markdown"]
+  part = driver.run(sweep.STUDY, cli.parse(sweep.Settings, [*argv, "--report_only", "--seeds",
+                                                            "0,1,2"]), cmd)
+  assert f"Command: `{cmd}`" in part["markdown"]
   bad = [*argv[:-len(TINY_ARGS) - 4], "--restrict", "scratch=time_latr"]
   with pytest.raises(ValueError, match="names unknown shifts: \\['time_latr'\\]"):
     run_sweep(bad)
