@@ -378,6 +378,20 @@ def run(study: Study, settings: Settings, command: str = "") -> dict[str, Any]:
                               prepared))
 
 
+def protocol_text(s: Settings, learning_rates: str = "", restricted: str = "") -> str:
+  """The '; '-led settings of a study's results page that its runs share (steps, bindings,
+  OOV dropout, the study's own learning-rate and restriction phrases, epochs, early stopping)."""
+  return ((f"; steps {s.steps}" if s.steps else "")
+          + (f"; bindings {list(s.gin_bindings)}" if s.gin_bindings else "")
+          + (f"; small-model OOV dropout {s.oov_dropout:g}" if s.oov_dropout else "")
+          + (f"; {learning_rates}" if learning_rates else "")
+          + (f"; {restricted}" if restricted else "")
+          + (f"; {s.epochs:g} epochs per run, evaluated {s.evals_per_epoch:g}x per epoch"
+             if s.epochs else "")
+          + ("; numbers from each run's best-validation evaluation (early stopping)"
+             if s.early_stopping else ""))
+
+
 def metrics_of(results: Mapping[str, Any], early_stopping: bool) -> tuple[dict, dict]:
   """A run's reported metrics and their extra record fields: its last evaluation's, or
   with `early_stopping` the one with the lowest validation RMSE (and its step)."""

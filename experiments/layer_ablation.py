@@ -27,6 +27,8 @@ import numpy as np
 from experiments import driver, runs
 from levi_jax import cli
 
+# What the runs train: LEVI with a tap set, or the small model alone (the empty set).
+METHODS = ("levi", "scratch")
 TAP_SET_NAMES = ("none", "last", "middle", "middle+last", "every_other", "all")
 
 
@@ -149,8 +151,8 @@ class Settings(driver.Settings):
     super().__post_init__()
     # The table averages a tap set's runs over seeds and shifts: it has no learning-rate
     # choice, so a grid of several rates for one method would be averaged in silently.
-    several = {m: lrs for m, lrs in driver.parse_lr_grid(
-        self.lr_grid, ("levi", "scratch"), ("levi", "scratch")).items() if len(lrs) > 1}
+    several = {m: lrs for m, lrs in driver.parse_lr_grid(self.lr_grid, METHODS, METHODS).items()
+               if len(lrs) > 1}
     if several:
       raise ValueError(f"--lr_grid {self.lr_grid!r}: the layer ablation runs one learning rate "
                        f"per method, got {several}")
@@ -188,14 +190,8 @@ def report(outcome: driver.Outcome) -> dict[str, Any]:
   header = (f"# LEVI tap-set ablation\n\nLEVI with each set of tapped backbone layers "
             f"(0-based, of {layers}); {len(tasks)} shift(s) ({', '.join(tasks)}), seeds "
             f"{','.join(map(str, s.seeds))}, backbone `{s.backbone}`; base gin "
-            f"{', '.join(s.gin_file)}" + (f"; steps {s.steps}" if s.steps else "")
-            + (f"; bindings {list(s.gin_bindings)}" if s.gin_bindings else "")
-            + (f"; small-model OOV dropout {s.oov_dropout:g}" if s.oov_dropout else "")
-            + (f"; learning rates {s.lr_grid!r}" if s.lr_grid else "")
-            + (f"; {s.epochs:g} epochs per run, evaluated {s.evals_per_epoch:g}x per epoch"
-               if s.epochs else "")
-            + ("; numbers from each run's best-validation evaluation (early stopping)"
-               if s.early_stopping else "")
+            f"{', '.join(s.gin_file)}"
+            + driver.protocol_text(s, f"learning rates {s.lr_grid!r}" if s.lr_grid else "")
             + f". Cells: mean ± sample std over seeds of the mean over shifts; the runs "
             f"took {sum(r['wall_time_s'] for r in records_) / 60:.1f} min of wall time in all."
             f"\n\nCommand: `{outcome.command}`")
@@ -212,7 +208,7 @@ def report(outcome: driver.Outcome) -> dict[str, Any]:
 
 
 STUDY = driver.Study(module="layer_ablation", settings=Settings, grid=grid, records=records,
-                     report=report, methods=("levi", "scratch"))
+                     report=report, methods=METHODS)
 
 
 if __name__ == "__main__":

@@ -541,17 +541,10 @@ def _header(s: Settings, outcome: driver.Outcome, all_records: Sequence[Mapping[
           f"x seeds {','.join(map(str, s.seeds))}; backbone `{s.backbone}`; data_dir "
           f"`{s.data_dir or 'of the gin (demo: the synthetic world)'}`; base gin "
           f"{', '.join(s.gin_file)}"
-          + (f"; steps {s.steps}" if s.steps else "")
-          + (f"; bindings {list(s.gin_bindings)}" if s.gin_bindings else "")
-          + (f"; small-model OOV dropout {s.oov_dropout:g}" if s.oov_dropout else "")
-          + (f"; learning rate per method and shift chosen on validation (mean over seeds) "
-             f"from {s.lr_grid!r}" if s.lr_grid else "")
-          + (f"; restricted: {s.restrict!r} (those methods ran only there)"
-             if s.restrict else "")
-          + (f"; {s.epochs:g} epochs per run, evaluated {s.evals_per_epoch:g}x per epoch"
-             if s.epochs else "")
-          + ("; numbers from each run's best-validation evaluation (early stopping)"
-             if s.early_stopping else "")
+          + driver.protocol_text(
+              s, f"learning rate per method and shift chosen on validation (mean over seeds) "
+                 f"from {s.lr_grid!r}" if s.lr_grid else "",
+              f"restricted: {s.restrict!r} (those methods ran only there)" if s.restrict else "")
           + f"; the {len(trained)} runs took {run_time / 60:.0f} min of wall time in all."
           + (f" **Interim report (--report_only): {len(missing)} of {len(outcome.plan)} runs "
              "not finished yet are left out.**" if missing else "")
