@@ -213,7 +213,8 @@ def build_method(cfg: Any, data: TaskData, num_outputs: int = 1,
                      f"data's token vocabulary ({data.vocab_size})")
   if cfg.task_net == "features":
     task_net = FeatureTower(data.features, embed_dim=cfg.feature_embed_dim,
-                            hidden=cfg.task_hidden, dtype=cfg.dtype)
+                            hidden=cfg.task_hidden, feature_dropout=cfg.feature_dropout,
+                            dtype=cfg.dtype)
   else:
     task_net = TokenTower(data.vocab_size, embed_dim=cfg.token_embed_dim,
                           num_layers=cfg.token_layers, out_dim=cfg.task_hidden[-1],

@@ -53,6 +53,8 @@ class ModelConfig:
     task_net: "features" (FeatureTower over categorical features) or
       "tokens" (TokenTower over the input text).
     feature_embed_dim, task_hidden: FeatureTower sizes.
+    feature_dropout: FeatureTower's whole-feature embedding dropout in training
+      (a regulariser of the from-scratch view; 0: off).
     token_layers, token_embed_dim: TokenTower sizes.
     taps, pooling, adapter_dim, fusion_hidden, aux_heads: LEVI settings.
     fusion: how LEVI joins the views: "late" (adapted taps concatenated with
@@ -73,6 +75,7 @@ class ModelConfig:
   task_net: str = "features"
   feature_embed_dim: int = 16
   task_hidden: tuple[int, ...] = (64, 64)
+  feature_dropout: float = 0.0
   token_layers: int = 0
   token_embed_dim: int = 64
   taps: tuple[int | str, ...] = ("middle", -1)
@@ -98,6 +101,13 @@ class ModelConfig:
     if self.fusion not in levi_lib.FUSIONS:
       raise ValueError(f"ModelConfig.fusion must be one of {levi_lib.FUSIONS}, "
                        f"got {self.fusion!r}")
+    if not 0.0 <= self.feature_dropout < 1.0:
+      raise ValueError(f"ModelConfig.feature_dropout must be in [0, 1), got "
+                       f"{self.feature_dropout!r}")
+    if self.feature_dropout and self.task_net != "features":
+      raise ValueError(f"ModelConfig.feature_dropout={self.feature_dropout!r} needs "
+                       f"task_net='features' (it drops FeatureTower embeddings), got "
+                       f"task_net={self.task_net!r}")
     if self.task_net not in ("features", "tokens"):
       raise ValueError(f"ModelConfig.task_net must be 'features' or 'tokens', "
                        f"got {self.task_net!r}")

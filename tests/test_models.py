@@ -538,3 +538,67 @@ def test_layerwise_fusion_needs_a_small_model_with_layers():
     m.init(jax.random.PRNGKey(0), make_batch())
   with pytest.raises(ValueError, match="fusion"):
     trainer.ModelConfig(fusion="early")
+
+
+def _feature_dropout_outputs(rate, deterministic, b=4000):
+  """The tower's per-feature embeddings before and after its dropout, and its output."""
+  tower = FeatureTower(FEATS, hidden=(16,), feature_dropout=rate)
+  batch = make_batch(b=b)
+  params = tower.init(jax.random.PRNGKey(0), batch)
+  out, state = tower.apply(params, batch, deterministic=deterministic,
+                           rngs={"dropout": jax.random.PRNGKey(3)},
+                           capture_intermediates=True)
+  return out, state["intermediates"], params
+
+
+def test_feature_dropout_drops_whole_features_in_training_only():
+  rate = 0.3
+  out, inter, params = _feature_dropout_outputs(rate, deterministic=False)
+  for f in FEATS:
+    dropped = np.asarray(inter[f"dropout_{f.name}"]["__call__"][0])
+    per_example = np.abs(dropped).max(-1)
+    zero = per_example == 0
+    # Each example's whole embedding of the feature is zeroed or kept, never part of it.
+    assert np.all((dropped == 0).all(-1) == zero)
+    assert abs(zero.mean() - rate) < 0.03, (f.name, zero.mean())
+  # Evaluation: no dropout, the same function as the tower without it (same params).
+  plain = FeatureTower(FEATS, hidden=(16,))
+  batch = make_batch(b=4000)
+  want = plain.apply(params, batch)
+  got = FeatureTower(FEATS, hidden=(16,), feature_dropout=rate).apply(params, batch)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert not np.allclose(np.asarray(out), np.asarray(want))
+  # The kept embeddings are scaled by 1 / (1 - rate): the ID embedding of an example kept.
+  table = np.asarray(nn.meta.unbox(params)["params"]["embed_user_id"])
+  dropped = np.asarray(inter["dropout_user_id"]["__call__"][0])
+  kept = np.abs(dropped).max(-1) > 0
+  np.testing.assert_allclose(dropped[kept], table[batch["user_id"][kept]] / (1 - rate),
+                             rtol=1e-6)
+
+
+def test_levi_with_feature_dropout_trains_with_the_backbone_frozen():
+  m = methods.make_method("levi", backbone=t5.T5Encoder(tiny_cfg()),
+                          task_net=FeatureTower(FEATS, hidden=(16,), feature_dropout=0.2),
+                          adapter_dim=8, fusion_hidden=(8,))
+  batch = make_batch()
+  state, opt = init_state(m, batch, lr=0.1)
+  frozen0 = jax.tree.map(np.array, state.frozen)
+  state = assert_six_steps_lower_the_loss(m, opt, state, batch)
+  jax.tree.map(np.testing.assert_array_equal, frozen0, jax.tree.map(np.array, state.frozen))
+  # A training step draws its dropout from the step's key: two keys, two losses.
+  loss = jax.jit(lambda s, k: step.make_train_step(m, step.LossConfig())(s, batch, k)[1]["loss"])
+  assert float(loss(state, jax.random.PRNGKey(1))) != float(loss(state, jax.random.PRNGKey(2)))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(feature_dropout=1.0), "feature_dropout must be in"),
+    (dict(feature_dropout=-0.1), "feature_dropout must be in"),
+    (dict(feature_dropout=0.1, task_net="tokens"), "feature_dropout.*FeatureTower"),
+])
+def test_feature_dropout_settings_are_checked(kw, match):
+  with pytest.raises(ValueError, match=match):
+    trainer.ModelConfig(**kw)
+  if "task_net" not in kw:
+    with pytest.raises(ValueError, match=match):
+      FeatureTower(FEATS, feature_dropout=kw["feature_dropout"]).init(
+          jax.random.PRNGKey(0), make_batch())

@@ -100,6 +100,12 @@ def test_which_methods_read_cached_taps(tmp_path):
   dropout = train_setup.build_method(trainer.ModelConfig(
       method="levi", backbone_overrides={"dropout_rate": 0.1}, **SMALL), data)
   assert "dropout" in tap_source_of(dropout)[1]
+  # Dropout in the small model leaves the frozen backbone's taps cacheable.
+  for name in ("levi", "ensemble"):
+    small_dropout = train_setup.build_method(trainer.ModelConfig(
+        method=name, feature_dropout=0.1, **SMALL), data)
+    assert tap_source_of(small_dropout)[0] is not None, name
+  assert small_dropout.module.members[-1].task_net.feature_dropout == 0.1
   ft = run(tmp_path / "ft", "ft", tmp_path / "cache", steps=2)
   assert ft["tap_cache"] == {"used": False, "reason": "the backbone trains"}
   assert not (tmp_path / "cache").exists()

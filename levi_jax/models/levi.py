@@ -170,7 +170,8 @@ class ViewFusionModel(nn.Module):
       pooled = jax.lax.stop_gradient(pooled)
     return [pooled[:, i].astype(self.dtype) for i in range(len(taps))]
 
-  def _layerwise_views(self, batch: Mapping[str, Array], pooled: list[Array]) -> list[Array]:
+  def _layerwise_views(self, batch: Mapping[str, Array], pooled: list[Array],
+                       deterministic: bool) -> list[Array]:
     """Taps injected into the small model's hidden layers; returns [taps..., fused]."""
     hidden = getattr(self.task_net, "hidden", None)
     if self.task_net is None or not hidden or self.backbone is None or not self.taps:
@@ -191,7 +192,7 @@ class ViewFusionModel(nn.Module):
               name=name)(v)
       adapted.append(v)
       injections[layer] = v if injections[layer] is None else injections[layer] + v
-    fused = self.task_net(batch, injections).astype(self.dtype)
+    fused = self.task_net(batch, injections, deterministic=deterministic).astype(self.dtype)
     return adapted + [fused]
 
   def _views(self, batch: Mapping[str, Array], deterministic: bool) -> list[Array]:
@@ -199,7 +200,7 @@ class ViewFusionModel(nn.Module):
       raise ValueError(f"unknown fusion {self.fusion!r}; expected one of {FUSIONS}")
     pooled = self._pooled(batch, deterministic)
     if self.fusion == "layerwise":
-      return self._layerwise_views(batch, pooled)
+      return self._layerwise_views(batch, pooled, deterministic)
     views = []
     if pooled:
       taps = resolve_taps(self.taps, self.backbone.config.num_layers)
@@ -211,7 +212,7 @@ class ViewFusionModel(nn.Module):
                   name=name)(v)
         views.append(v)
     if self.task_net is not None:
-      views.append(self.task_net(batch).astype(self.dtype))
+      views.append(self.task_net(batch, deterministic=deterministic).astype(self.dtype))
     if not views:
       raise ValueError("ViewFusionModel needs a backbone with taps, a task_net, or both")
     return views

@@ -4,7 +4,8 @@ Two towers, both returning a `[batch, out_dim]` representation:
 
 * `FeatureTower`: one embedding table per categorical feature (user id, item
   id, side features), bags such as genres mean-pooled, concatenated, then an
-  MLP. The recommendation default.
+  MLP. The recommendation default. `feature_dropout` drops whole features'
+  embeddings in training (regularising towards rows with features missing).
 * `TokenTower`: for text-only tasks; a bag of token embeddings (`num_layers=0`)
   or a tiny pre-norm transformer over the tokens, mean-pooled.
 
@@ -119,20 +120,30 @@ class FeatureTower(nn.Module):
     features: the categorical inputs.
     embed_dim: default embedding width per feature.
     hidden: MLP widths; the last is the representation width.
+    feature_dropout: in training (`deterministic=False`, a "dropout" rng), each
+      example's embedding of each feature (a bag's pooled one) is zeroed with
+      this probability, the kept ones scaled by 1 / (1 - rate) (inverted
+      dropout, so evaluation needs no rescaling). The model learns to predict
+      from any subset of the features, e.g. without the user id of an unseen
+      user. 0 (default): off.
   """
 
   features: tuple[CategoricalFeature, ...]
   embed_dim: int = 16
   hidden: tuple[int, ...] = (64, 64)
+  feature_dropout: float = 0.0
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, batch: Mapping[str, Array],
-               injections: Sequence[Array | None] = ()) -> Array:
+               injections: Sequence[Array | None] = (), deterministic: bool = True) -> Array:
     """The representation; `injections[i]` is added to hidden layer i's output
     (layer-wise fusion: `ViewFusionModel(fusion="layerwise")`)."""
     if not self.features:
       raise ValueError("FeatureTower needs at least one CategoricalFeature")
+    if not 0.0 <= self.feature_dropout < 1.0:
+      raise ValueError(f"FeatureTower.feature_dropout must be in [0, 1), got "
+                       f"{self.feature_dropout}")
     parts = []
     for f in self.features:
       table = self.param(
@@ -145,6 +156,9 @@ class FeatureTower(nn.Module):
       if f.bag_size is not None:  # mean over non-padding members of the bag
         keep = (ids != PAD_ID)[..., None].astype(self.dtype)
         e = (e * keep).sum(-2) / jnp.maximum(keep.sum(-2), 1.0)
+      if self.feature_dropout:  # one keep/drop draw per example and feature
+        e = nn.Dropout(self.feature_dropout, broadcast_dims=(e.ndim - 1,),
+                       name=f"dropout_{f.name}")(e, deterministic=deterministic)
       parts.append(e)
     x = jnp.concatenate(parts, axis=-1)
     return MLP(self.hidden, final_activation=True, dtype=self.dtype, name="mlp")(
@@ -174,7 +188,8 @@ class TokenTower(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, batch: Mapping[str, Array]) -> Array:
+  def __call__(self, batch: Mapping[str, Array], deterministic: bool = True) -> Array:
+    del deterministic  # no dropout in this tower
     tokens = jnp.asarray(batch[self.tokens_key], jnp.int32)
     mask = tokens > 0
     table = self.param("token_embed", nn.with_logical_partitioning(
