@@ -29,6 +29,7 @@ from levi_jax import (checkpointing, evaluator, metric_logging, methods, partiti
 from levi_jax.checkpointing import CheckpointConfig
 from levi_jax.input_pipeline import TaskData
 from levi_jax.models import t5_encoder
+from levi_jax.models import task_net as task_net_lib
 from levi_jax.optim import OptimizerConfig
 from levi_jax.partitioning import MeshConfig
 from levi_jax.step import LossConfig
@@ -101,9 +102,7 @@ class ModelConfig:
     if self.fusion not in levi_lib.FUSIONS:
       raise ValueError(f"ModelConfig.fusion must be one of {levi_lib.FUSIONS}, "
                        f"got {self.fusion!r}")
-    if not 0.0 <= self.feature_dropout < 1.0:
-      raise ValueError(f"ModelConfig.feature_dropout must be in [0, 1), got "
-                       f"{self.feature_dropout!r}")
+    task_net_lib.check_feature_dropout(self.feature_dropout, "ModelConfig")
     if self.feature_dropout and self.task_net != "features":
       raise ValueError(f"ModelConfig.feature_dropout={self.feature_dropout!r} needs "
                        f"task_net='features' (it drops FeatureTower embeddings), got "

@@ -540,20 +540,14 @@ def test_layerwise_fusion_needs_a_small_model_with_layers():
     trainer.ModelConfig(fusion="early")
 
 
-def _feature_dropout_outputs(rate, deterministic, b=4000):
-  """The tower's per-feature embeddings before and after its dropout, and its output."""
-  tower = FeatureTower(FEATS, hidden=(16,), feature_dropout=rate)
-  batch = make_batch(b=b)
-  params = tower.init(jax.random.PRNGKey(0), batch)
-  out, state = tower.apply(params, batch, deterministic=deterministic,
-                           rngs={"dropout": jax.random.PRNGKey(3)},
-                           capture_intermediates=True)
-  return out, state["intermediates"], params
-
-
 def test_feature_dropout_drops_whole_features_in_training_only():
   rate = 0.3
-  out, inter, params = _feature_dropout_outputs(rate, deterministic=False)
+  tower = FeatureTower(FEATS, hidden=(16,), feature_dropout=rate)
+  batch = make_batch(b=4000)
+  params = tower.init(jax.random.PRNGKey(0), batch)
+  out, state = tower.apply(params, batch, deterministic=False,
+                           rngs={"dropout": jax.random.PRNGKey(3)}, capture_intermediates=True)
+  inter = state["intermediates"]  # each Dropout's output: the feature's kept/zeroed embedding
   for f in FEATS:
     dropped = np.asarray(inter[f"dropout_{f.name}"]["__call__"][0])
     per_example = np.abs(dropped).max(-1)
@@ -562,10 +556,8 @@ def test_feature_dropout_drops_whole_features_in_training_only():
     assert np.all((dropped == 0).all(-1) == zero)
     assert abs(zero.mean() - rate) < 0.03, (f.name, zero.mean())
   # Evaluation: no dropout, the same function as the tower without it (same params).
-  plain = FeatureTower(FEATS, hidden=(16,))
-  batch = make_batch(b=4000)
-  want = plain.apply(params, batch)
-  got = FeatureTower(FEATS, hidden=(16,), feature_dropout=rate).apply(params, batch)
+  want = FeatureTower(FEATS, hidden=(16,)).apply(params, batch)
+  got = tower.apply(params, batch)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   assert not np.allclose(np.asarray(out), np.asarray(want))
   # The kept embeddings are scaled by 1 / (1 - rate): the ID embedding of an example kept.

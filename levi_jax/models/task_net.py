@@ -78,6 +78,12 @@ def validate_features(batch: Mapping[str, Any], features: Sequence[CategoricalFe
           "does not match the data's")
 
 
+def check_feature_dropout(rate: float, owner: str):
+  """Raises a ValueError naming `owner` unless `rate` is a dropout rate in [0, 1)."""
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"{owner}.feature_dropout must be in [0, 1), got {rate!r}")
+
+
 class MLP(nn.Module):
   """Dense layers with a nonlinearity between them (none after the last).
 
@@ -141,9 +147,7 @@ class FeatureTower(nn.Module):
     (layer-wise fusion: `ViewFusionModel(fusion="layerwise")`)."""
     if not self.features:
       raise ValueError("FeatureTower needs at least one CategoricalFeature")
-    if not 0.0 <= self.feature_dropout < 1.0:
-      raise ValueError(f"FeatureTower.feature_dropout must be in [0, 1), got "
-                       f"{self.feature_dropout}")
+    check_feature_dropout(self.feature_dropout, "FeatureTower")
     parts = []
     for f in self.features:
       table = self.param(
