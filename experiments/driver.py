@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -361,6 +362,10 @@ def train_grid(study: Study, settings: Settings, planned: Sequence[Run]
   return records, missing
 
 
+# --report_only as absl spells it: -report_only, --report_only, --report_only=<true|1|...>.
+_REPORT_ONLY = re.compile(r"--?report_only(=\S*)?")
+
+
 def run(study: Study, settings: Settings, command: str = "") -> dict[str, Any]:
   """Runs the study: its tasks and grid checked, every run trained or read back, the
   report written into --out; returns the report's result."""
@@ -372,8 +377,7 @@ def run(study: Study, settings: Settings, command: str = "") -> dict[str, Any]:
   records, missing = train_grid(study, settings, planned)
   if settings.report_only and not missing:
     # Every run had finished: the report is the full study's, made by its command.
-    command = " ".join(w for w in command.split(" ") if w not in ("--report_only",
-                                                                   "--report_only=true"))
+    command = " ".join(w for w in command.split(" ") if not _REPORT_ONLY.fullmatch(w))
   return study.report(Outcome(settings, tasks, data_dir, planned, records, missing, command,
                               prepared))
 

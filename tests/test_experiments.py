@@ -158,9 +158,10 @@ def test_sweep_restrict_runs_a_method_on_part_of_the_grid(tmp_path, world):
   assert not list((tmp_path / "runs").rglob("seed2-*"))
   # A report of a grid whose runs have all finished is the study's own: it names the command
   # without --report_only; an interim one keeps it.
-  cmd = "python -m experiments.sweep --steps 2 --report_only"
-  full = driver.run(sweep.STUDY, cli.parse(sweep.Settings, [*argv, "--report_only"]), cmd)
-  assert "Command: `python -m experiments.sweep --steps 2`" in full["markdown"]
+  for spelling in ("--report_only", "--report_only=True", "-report_only=1"):
+    cmd = f"python -m experiments.sweep --steps 2 {spelling}"
+    full = driver.run(sweep.STUDY, cli.parse(sweep.Settings, [*argv, spelling]), cmd)
+    assert "Command: `python -m experiments.sweep --steps 2`" in full["markdown"], spelling
   assert "Interim" not in full["markdown"]
   part = driver.run(sweep.STUDY, cli.parse(sweep.Settings, [*argv, "--report_only", "--seeds",
                                                             "0,1,2"]), cmd)
