@@ -31,6 +31,9 @@ log = logging.getLogger("levi_jax")
 
 Metrics = dict[str, dict[str, float]]
 
+# Seconds between the progress lines of one evaluation split.
+PROGRESS_EVERY_S = 60.0
+
 
 class Evaluator:
   """Metrics of a params tree on each evaluation split of a run.
@@ -52,14 +55,26 @@ class Evaluator:
                                                  param_shardings, mesh, rules)
 
   def __call__(self, params: Any) -> Metrics:
-    """{split: {metric: value}} for the full (trainable and frozen) `params`."""
+    """{split: {metric: value}} for the full (trainable and frozen) `params`.
+
+    A split that takes longer than `PROGRESS_EVERY_S` logs its progress (batches done,
+    seconds, ETA) every `PROGRESS_EVERY_S` and its time when done, so that a long
+    evaluation (a fine-tuned encoder over a large OOD split) is not silent."""
     out = {}
     for name, split in self.run_data.evals.items():
-      sums = None
-      for b in eval_batches(split, self.run_data.eval_batch, self.run_data.eval_steps[name]):
+      sums, total = None, self.run_data.eval_steps[name]
+      t0 = last = time.time()
+      for k, b in enumerate(eval_batches(split, self.run_data.eval_batch, total), 1):
         part = self._eval_step(params, partitioning.global_batch(b, self.mesh))
         sums = part if sums is None else jax.tree.map(jnp.add, sums, part)
+        if time.time() - last >= PROGRESS_EVERY_S and k < total:
+          jax.block_until_ready(sums)  # the batches done, not the batches dispatched
+          last = time.time()
+          log.info("evaluating %s: batch %d/%d, %.0fs, ETA %.0fs", name, k, total,
+                   last - t0, (last - t0) / k * (total - k))
       out[name] = step_lib.finalize_metrics(jax.device_get(sums), self.task)
+      if last > t0:
+        log.info("evaluated %s: %d batches in %.0fs", name, total, time.time() - t0)
     return out
 
 

@@ -92,3 +92,17 @@ def test_evaluate_wiseft_interpolates_as_the_trainer_did(tmp_path):
 def test_evaluator_needs_a_checkpoint(tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint to evaluate"):
     _evaluate(tmp_path, "levi")
+
+
+def test_long_evaluations_log_their_progress(tmp_path, monkeypatch, caplog):
+  _train(tmp_path, "lp")
+  quiet = _evaluate(tmp_path, "lp", output_dir=str(tmp_path / "quiet"))
+  monkeypatch.setattr(evaluator, "PROGRESS_EVERY_S", 0.0)  # every split counts as long
+  with caplog.at_level("INFO", logger="levi_jax"):
+    logged = _evaluate(tmp_path, "lp", output_dir=str(tmp_path / "logged"))
+  assert logged["metrics"] == quiet["metrics"]  # the same sums, in the same order
+  lines = [r.getMessage() for r in caplog.records]
+  for split in task_data().evals:
+    assert any(line.startswith(f"evaluated {split}: ") for line in lines), split
+  # The eval batch (32) splits these test splits in several batches: lines in between.
+  assert any(line.startswith("evaluating ") and " ETA " in line for line in lines)
