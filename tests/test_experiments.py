@@ -163,6 +163,7 @@ def test_sweep_restrict_runs_a_method_on_part_of_the_grid(tmp_path, world):
     full = driver.run(sweep.STUDY, cli.parse(sweep.Settings, [*argv, spelling]), cmd)
     assert "Command: `python -m experiments.sweep --steps 2`" in full["markdown"], spelling
   assert "Interim" not in full["markdown"]
+  cmd = "python -m experiments.sweep --steps 2 --report_only"
   part = driver.run(sweep.STUDY, cli.parse(sweep.Settings, [*argv, "--report_only", "--seeds",
                                                             "0,1,2"]), cmd)
   assert f"Command: `{cmd}`" in part["markdown"]
